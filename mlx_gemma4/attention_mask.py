@@ -1,0 +1,61 @@
+"""Attention masks, built as the reference's `create_causal_mask` / `create_masks_for_vision_model` build them.
+
+Full-attention layers are causal. Sliding layers are AND(window, OR(causal, same vision block)): tokens of one image
+(or one video frame) see each other both ways, but only on sliding layers, and only when the prompt says which
+tokens are vision tokens.
+"""
+
+from typing import Optional
+
+import mlx.core as mx
+
+
+class SlidingMask:
+    """A sliding layer's mask for `query_length` new tokens starting at position `offset`.
+
+    A rotating cache hands back a variable number of keys (up to window - 1 old ones plus the new ones), so the mask
+    is made once the key count is known; the keys are always the most recent positions, in order.
+    """
+
+    def __init__(self, offset: int, query_length: int, window: int, block_ids: Optional[mx.array] = None):
+        self.offset = offset
+        self.query_length = query_length
+        self.window = window
+        self.block_ids = block_ids
+        self._by_key_length = {}
+
+    def __call__(self, key_length: int) -> mx.array:
+        if key_length not in self._by_key_length:
+            self._by_key_length[key_length] = self._build(key_length)
+        return self._by_key_length[key_length]
+
+    def _build(self, key_length: int) -> mx.array:
+        end = self.offset + self.query_length
+        query_positions = mx.arange(self.offset, end)[:, None]
+        key_positions = mx.arange(end - key_length, end)[None]
+        visible = key_positions <= query_positions
+        if self.block_ids is not None:
+            visible = visible | same_block(self.block_ids, key_length)
+        return visible & (key_positions > query_positions - self.window)
+
+
+def same_block(block_ids: mx.array, key_length: int) -> mx.array:
+    """True where query and key belong to one vision block. `block_ids` covers the new tokens only: a prompt is never
+    split inside a block, so older keys are never in a query's block."""
+    query_length = block_ids.shape[-1]
+    older = mx.full((key_length - query_length,), -1, dtype=block_ids.dtype)
+    key_blocks = mx.concatenate([older, block_ids])
+    return (block_ids[:, None] == key_blocks[None]) & (block_ids[:, None] >= 0)
+
+
+def vision_block_ids(mm_token_type_ids: mx.array) -> mx.array:
+    """Number each run of vision tokens (type 1 image, 2 video) 0, 1, 2...; every other token gets -1."""
+    is_vision = (mm_token_type_ids == 1) | (mm_token_type_ids == 2)
+    previous = mx.concatenate([mx.zeros_like(is_vision[..., :1]), is_vision[..., :-1]], axis=-1)
+    starts = is_vision & ~previous
+    group = mx.cumsum(starts.astype(mx.int32), axis=-1) - 1
+    return mx.where(is_vision, group, -1)
+
+
+def resolve(mask, key_length: int):
+    return mask(key_length) if callable(mask) else mask

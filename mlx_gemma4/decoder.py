@@ -1,0 +1,207 @@
+"""The Gemma 4 unified text decoder, as `Gemma4UnifiedTextModel` / `Gemma4UnifiedForCausalLM` compute it."""
+
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx_lm.models.cache import KVCache, RotatingKVCache
+
+from .attention_mask import SlidingMask, resolve
+from .config import FULL, SLIDING, TextConfig
+
+ACTIVATIONS = {"gelu_pytorch_tanh": nn.gelu_approx, "gelu": nn.gelu}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dims: int, eps: float):
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.eps = eps
+
+    def __call__(self, x):
+        return mx.fast.rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm_without_scale(x, eps: float):
+    return mx.fast.rms_norm(x, None, eps)
+
+
+def inverse_frequencies(head_dim: int, rope: dict) -> np.ndarray:
+    """The reference's `inv_freq` for "default" and "proportional" RoPE, in float32 as torch computes it."""
+    base = np.float32(rope["rope_theta"])
+    if rope.get("rope_type", "default") == "default":
+        exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+        return (1.0 / base**exponents).astype(np.float32)
+    # Proportional: only the first `rotated` frequency pairs turn; the rest have frequency zero, yet the rotation
+    # still spans the whole head (pairs i and i + head_dim / 2), unlike a partial rotary of the first dims.
+    rotated = int(rope.get("partial_rotary_factor", 1.0) * head_dim // 2)
+    exponents = np.arange(0, 2 * rotated, 2, dtype=np.float32) / np.float32(head_dim)
+    inverse = np.zeros(head_dim // 2, dtype=np.float32)
+    inverse[:rotated] = 1.0 / base**exponents
+    return inverse / np.float32(rope.get("factor", 1.0))
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, rope: dict):
+        super().__init__()
+        self.head_dim = head_dim
+        with np.errstate(divide="ignore"):
+            # mx.fast.rope takes wavelengths; a zero frequency is an infinite wavelength (cos 1, sin 0).
+            self._wavelengths = mx.array(1.0 / inverse_frequencies(head_dim, rope))
+
+    def __call__(self, x, offset: int):
+        return mx.fast.rope(
+            x, self.head_dim, traditional=False, base=None, scale=1.0, offset=offset, freqs=self._wavelengths
+        )
+
+
+class Attention(nn.Module):
+    def __init__(self, config: TextConfig, layer_index: int):
+        super().__init__()
+        self.kind = config.layer_types[layer_index]
+        self.head_dim = config.layer_head_dims[layer_index]
+        self.num_heads = config.num_attention_heads
+        num_kv_heads = config.layer_kv_heads[layer_index]
+        sharing = config.kv_sharing_modes[layer_index]
+        self.reuses_kv = sharing == "reuse"
+        self.stores_kv = sharing == "store"
+        self.eps = config.rms_norm_eps
+        bias = config.attention_bias
+
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.q_norm = RMSNorm(self.head_dim, self.eps)
+        if not self.reuses_kv:
+            self.k_proj = nn.Linear(config.hidden_size, num_kv_heads * self.head_dim, bias=bias)
+            self.k_norm = RMSNorm(self.head_dim, self.eps)
+            # With k_eq_v (full layers only) the values are the keys before k_norm and RoPE.
+            self.keys_are_values = config.attention_k_eq_v and self.kind == FULL
+            if not self.keys_are_values:
+                self.v_proj = nn.Linear(config.hidden_size, num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.rope = RotaryEmbedding(self.head_dim, config.rope_parameters[self.kind])
+
+    def __call__(self, x, mask, cache, offset: int, shared_kv: dict):
+        batch, length, _ = x.shape
+        queries = self.q_norm(self.q_proj(x).reshape(batch, length, -1, self.head_dim))
+        queries = self.rope(queries.transpose(0, 2, 1, 3), offset)
+
+        if self.reuses_kv:
+            keys, values = shared_kv[self.kind]
+        else:
+            raw_keys = self.k_proj(x).reshape(batch, length, -1, self.head_dim)
+            raw_values = raw_keys if self.keys_are_values else self.v_proj(x).reshape(batch, length, -1, self.head_dim)
+            keys = self.rope(self.k_norm(raw_keys).transpose(0, 2, 1, 3), offset)
+            values = rms_norm_without_scale(raw_values, self.eps).transpose(0, 2, 1, 3)
+            if cache is not None:
+                keys, values = cache.update_and_fetch(keys, values)
+            if self.stores_kv:
+                shared_kv[self.kind] = (keys, values)
+
+        # Scale 1: q_norm already normalises the queries, as in the reference (`self.scaling = 1.0`).
+        output = mx.fast.scaled_dot_product_attention(
+            queries, keys, values, scale=1.0, mask=resolve(mask, keys.shape[2])
+        )
+        return self.o_proj(output.transpose(0, 2, 1, 3).reshape(batch, length, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: TextConfig, layer_index: int):
+        super().__init__()
+        width = config.intermediate_size
+        if config.use_double_wide_mlp and config.kv_sharing_modes[layer_index] == "reuse":
+            width *= 2
+        self.gate_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.down_proj = nn.Linear(width, config.hidden_size, bias=False)
+        self.activation = ACTIVATIONS[config.hidden_activation]
+
+    def __call__(self, x):
+        return self.down_proj(self.activation(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: TextConfig, layer_index: int):
+        super().__init__()
+        self.self_attn = Attention(config, layer_index)
+        self.mlp = MLP(config, layer_index)
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(config.hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
+        self.pre_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
+        self.post_feedforward_layernorm = RMSNorm(config.hidden_size, eps)
+        self.layer_scalar = mx.ones((1,))
+
+    def __call__(self, x, mask, cache, offset: int, shared_kv: dict):
+        h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), mask, cache, offset, shared_kv))
+        out = h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        return out * self.layer_scalar
+
+
+class TextModel(nn.Module):
+    """Embeddings, decoder layers and final norm; weights under `language_model.model.*`."""
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = [DecoderLayer(config, i) for i in range(config.num_hidden_layers)]
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.cached_layers = [i for i, mode in enumerate(config.kv_sharing_modes) if mode != "reuse"]
+
+    def embed(self, input_ids):
+        embeddings = self.embed_tokens(input_ids)
+        # The reference casts sqrt(hidden_size) to the weight dtype first: 61.97 becomes 62.0 in bfloat16.
+        return embeddings * mx.array(self.config.hidden_size**0.5, dtype=embeddings.dtype)
+
+    def make_cache(self) -> list:
+        """One cache per layer that owns its keys and values: a window-sized rotating cache for sliding layers (memory
+        bounded whatever the context), a growing one for full layers. Layers that reuse another's KV get none."""
+        return [
+            RotatingKVCache(max_size=self.config.sliding_window) if self.config.layer_types[i] == SLIDING else KVCache()
+            for i in self.cached_layers
+        ]
+
+    def __call__(
+        self,
+        embeddings: mx.array,
+        cache: Optional[list] = None,
+        block_ids: Optional[mx.array] = None,
+        shared_kv: Optional[dict] = None,
+    ) -> mx.array:
+        length = embeddings.shape[1]
+        offset = cache[0].offset if cache else 0
+        masks = self.masks(offset, length, block_ids)
+        layer_caches = dict(zip(self.cached_layers, cache or []))
+        shared_kv = {} if shared_kv is None else shared_kv
+        h = embeddings
+        for i, layer in enumerate(self.layers):
+            h = layer(h, masks[self.config.layer_types[i]], layer_caches.get(i), offset, shared_kv)
+        return self.norm(h)
+
+    def masks(self, offset: int, length: int, block_ids: Optional[mx.array]) -> dict:
+        if length == 1:
+            # One query: every cached key is in the past, and a rotating cache holds exactly the window.
+            return {FULL: None, SLIDING: None}
+        return {FULL: "causal", SLIDING: SlidingMask(offset, length, self.config.sliding_window, block_ids)}
+
+
+class LanguageModel(nn.Module):
+    """TextModel plus the LM head (tied to the embeddings unless the config says otherwise) and softcapping."""
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.config = config
+        self.model = TextModel(config)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def logits(self, hidden: mx.array) -> mx.array:
+        if self.config.tie_word_embeddings:
+            logits = self.model.embed_tokens.as_linear(hidden)
+        else:
+            logits = self.lm_head(hidden)
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            logits = mx.tanh(logits / cap) * cap
+        return logits

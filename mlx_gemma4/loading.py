@@ -1,0 +1,124 @@
+"""Load a model and its processor from a local folder or a Hugging Face Hub repo id (safetensors only)."""
+
+import json
+from pathlib import Path
+from typing import Optional, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .config import ModelConfig
+from .errors import Gemma4Error
+from .model import Model
+
+WEIGHTS_INDEX = "model.safetensors.index.json"
+# What a snapshot needs: never pickled weights.
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+def resolve_model_path(path_or_repo: Union[str, Path]) -> Path:
+    path = Path(path_or_repo).expanduser()
+    if path.is_dir():
+        return path
+    text = str(path_or_repo)
+    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
+        raise Gemma4Error(f"model not found: {text} is not a folder and not a Hub repo id (owner/name)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(text, allow_patterns=HUB_FILES))
+    except RepositoryNotFoundError:
+        raise Gemma4Error(f"model not found on the Hub: {text}") from None
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise Gemma4Error(f"could not fetch {text} from the Hub (offline or unreachable?): {reason}") from None
+
+
+def read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as file:
+            return json.load(file)
+    except FileNotFoundError:
+        raise Gemma4Error(f"missing {path.name} in {path.parent}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise Gemma4Error(f"corrupt {path}: {error}") from None
+
+
+def weight_files(model_path: Path) -> list:
+    index_path = model_path / WEIGHTS_INDEX
+    if index_path.exists():
+        index = read_json(index_path)
+        names = sorted(set(index.get("weight_map", {}).values()))
+        missing = [name for name in names if not (model_path / name).exists()]
+        if missing:
+            raise Gemma4Error(f"{model_path}: shard {missing[0]} named by {WEIGHTS_INDEX} is missing")
+        files = [model_path / name for name in names]
+    else:
+        files = sorted(model_path.glob("*.safetensors"))
+    if not files:
+        pickled = [p.name for p in model_path.glob("*.bin")] + [p.name for p in model_path.glob("*.pt*")]
+        hint = f" (found {pickled[0]}: pickled weights are never loaded; convert to safetensors)" if pickled else ""
+        raise Gemma4Error(f"no .safetensors weights in {model_path}{hint}")
+    return files
+
+
+def read_weights(files: list) -> dict:
+    weights = {}
+    for file in files:
+        try:
+            weights.update(mx.load(str(file)))
+        except (RuntimeError, ValueError, OSError) as error:
+            raise Gemma4Error(f"corrupt or truncated weights file {file}: {error}") from None
+    return weights
+
+
+def quantize_like_checkpoint(model: nn.Module, quantization: dict, weights: dict):
+    """Quantize exactly the layers the checkpoint stores quantized, with per-layer overrides (mixed recipes)."""
+
+    def predicate(path, module):
+        if f"{path}.scales" not in weights:
+            return False
+        override = quantization.get(path)
+        return override if isinstance(override, dict) else True
+
+    nn.quantize(
+        model,
+        group_size=quantization["group_size"],
+        bits=quantization["bits"],
+        mode=quantization.get("mode", "affine"),
+        class_predicate=predicate,
+    )
+
+
+def load_model(model_path: Path, dtype: Optional[str] = None) -> Model:
+    config_dict = read_json(model_path / "config.json")
+    config = ModelConfig.from_dict(config_dict)
+    config.quantization = config_dict.get("quantization")
+    model = Model(config)
+    weights = model.sanitize(read_weights(weight_files(model_path)))
+    if config.quantization:
+        quantize_like_checkpoint(model, config.quantization, weights)
+    if dtype is not None:
+        target = DTYPES[dtype]
+        weights = {k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as error:
+        raise Gemma4Error(f"weights in {model_path} do not fit the config: {str(error).splitlines()[0]}") from None
+    mx.eval(model.parameters())
+    model.eval()
+    return model
+
+
+def load(path_or_repo: Union[str, Path], dtype: Optional[str] = None):
+    """`model, processor = load("google/gemma-4-12B-it")`, or a local folder; `dtype` casts floating weights."""
+    from .processor import Processor
+
+    if dtype is not None and dtype not in DTYPES:
+        raise Gemma4Error(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
+    model_path = resolve_model_path(path_or_repo)
+    model = load_model(model_path, dtype)
+    processor = Processor.from_folder(model_path, model.config)
+    return model, processor

@@ -1,0 +1,70 @@
+"""The whole Gemma 4 unified model: projection embedders, decoder and LM head.
+
+Parameter names follow the converted-MLX layout that mlx-lm and mlx-vlm also read (`language_model.model.*`,
+`vision_embedder.*`, `embed_vision.*`, `embed_audio.*`); `sanitize` maps Hugging Face names onto them.
+"""
+
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .config import ModelConfig
+from .decoder import LanguageModel
+from .embedder import make_embedders
+
+# Reference buffers that are recomputed, never loaded.
+DERIVED_TENSORS = ("rotary_emb.inv_freq", "rotary_emb.original_inv_freq", "embed_scale")
+
+
+class Model(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.language_model = LanguageModel(config.text_config)
+        for name, module in make_embedders(
+            config.vision_config, config.audio_config, config.text_config.hidden_size
+        ).items():
+            setattr(self, name, module)
+
+    def make_cache(self) -> list:
+        return self.language_model.model.make_cache()
+
+    def embed_inputs(self, input_ids: mx.array) -> mx.array:
+        return self.language_model.model.embed(input_ids)
+
+    def __call__(
+        self,
+        input_ids: Optional[mx.array] = None,
+        cache: Optional[list] = None,
+        input_embeddings: Optional[mx.array] = None,
+        logits_to_keep: int = 0,
+        block_ids: Optional[mx.array] = None,
+    ) -> mx.array:
+        """Logits (batch, length, vocab), as the reference's `.logits`; `logits_to_keep` > 0 keeps only the last ones."""
+        if input_embeddings is None:
+            input_embeddings = self.embed_inputs(input_ids)
+        hidden = self.language_model.model(input_embeddings, cache=cache, block_ids=block_ids)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        return self.language_model.logits(hidden)
+
+    def sanitize(self, weights: dict) -> dict:
+        """Hugging Face tensor names to ours; names already in our layout pass through."""
+        tied = self.config.text_config.tie_word_embeddings
+        # A text-only checkpoint (Gemma4UnifiedForCausalLM) keeps the decoder directly under `model.`.
+        text_only = self.config.model_type == "gemma4_unified_text"
+        renamed = {}
+        for name, value in weights.items():
+            if any(part in name for part in DERIVED_TENSORS):
+                continue
+            if name.startswith("model.language_model."):
+                name = "language_model.model." + name[len("model.language_model."):]
+            elif name.startswith("model."):
+                name = ("language_model.model." if text_only else "") + name[len("model."):]
+            if name == "lm_head.weight":
+                if tied:
+                    continue
+                name = "language_model.lm_head.weight"
+            renamed[name] = value
+        return renamed
