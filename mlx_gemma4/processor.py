@@ -45,6 +45,9 @@ class Processor:
     def apply_chat_template(self, messages: list, add_generation_prompt: bool = True, **template_options) -> str:
         if self.tokenizer.chat_template is None:
             raise Gemma4Error("this tokenizer has no chat template; pass --ignore-chat-template")
+        # mlx-lm's wrapper turns thinking on whenever the vocabulary has thinking tokens; the model's own template
+        # (and transformers) default to off, so say so unless the caller chose.
+        template_options.setdefault("enable_thinking", False)
         return self.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt, **template_options
         )
