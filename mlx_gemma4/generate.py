@@ -1,0 +1,122 @@
+"""Command line: `python -m mlx_gemma4.generate --model PATH_OR_ID --prompt "..."`.
+
+stdout carries only the generated text, streamed; statistics go to stderr. Flags share mlx-lm's names and meanings.
+"""
+
+import argparse
+import json
+import sys
+
+from .errors import Gemma4Error
+from .generation import DEFAULT_MAX_TOKENS, DEFAULT_PREFILL_STEP_SIZE
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse prints a usage block on bad flags; a user needs only the reason."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def str2bool(text: str) -> bool:
+    if text.lower() in ("true", "t", "yes", "1"):
+        return True
+    if text.lower() in ("false", "f", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="python -m mlx_gemma4.generate", description="Generate text with Gemma 4 on MLX.")
+    parser.add_argument("--model", required=True, help="local folder or Hugging Face repo id")
+    parser.add_argument("--prompt", "-p", required=True, help="the message to the model, or - to read stdin")
+    parser.add_argument("--system-prompt", default=None, help="system message for the chat template")
+    parser.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS, help="most tokens to generate")
+    parser.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (0 or 1 keep all)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens (0 keeps all)")
+    parser.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
+    parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    parser.add_argument("--ignore-chat-template", action="store_true", help="feed the prompt as it is")
+    parser.add_argument("--chat-template-config", default=None,
+                        help='JSON options for the chat template, e.g. \'{"enable_thinking": true}\'')
+    parser.add_argument("--prefill-step-size", type=int, default=DEFAULT_PREFILL_STEP_SIZE,
+                        help="prompt tokens processed per step")
+    parser.add_argument("--verbose", type=str2bool, nargs="?", const=True, default=True,
+                        help="print statistics to stderr (true) or only the response (false)")
+    return parser
+
+
+def check_arguments(args) -> dict:
+    """Range checks argparse cannot express; returns the chat template options."""
+    if args.max_tokens < 1:
+        raise Gemma4Error("--max-tokens must be at least 1")
+    if args.prefill_step_size < 1:
+        raise Gemma4Error("--prefill-step-size must be at least 1")
+    if args.temp < 0:
+        raise Gemma4Error("--temp must be 0 or more")
+    if not 0 <= args.top_p <= 1:
+        raise Gemma4Error("--top-p must be in [0, 1]")
+    if args.top_k < 0:
+        raise Gemma4Error("--top-k must be 0 or more")
+    if not 0 <= args.min_p <= 1:
+        raise Gemma4Error("--min-p must be in [0, 1]")
+    if args.chat_template_config is None:
+        return {}
+    try:
+        options = json.loads(args.chat_template_config)
+    except json.JSONDecodeError as error:
+        raise Gemma4Error(f"--chat-template-config is not valid JSON: {error}") from None
+    if not isinstance(options, dict):
+        raise Gemma4Error("--chat-template-config must be a JSON object")
+    return options
+
+
+def run(args) -> None:
+    from .generation import stream_generate
+    from .loading import load
+
+    template_options = check_arguments(args)
+    user_text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    model, processor = load(args.model)
+    if args.ignore_chat_template:
+        prompt = user_text
+    else:
+        prompt = processor.chat_prompt(user_text, args.system_prompt, **template_options)
+    response = None
+    for response in stream_generate(
+        model, processor, prompt, max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p,
+        top_k=args.top_k, min_p=args.min_p, seed=args.seed, prefill_step_size=args.prefill_step_size,
+    ):
+        sys.stdout.write(response.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if args.verbose and response is not None:
+        print_statistics(response)
+
+
+def print_statistics(response) -> None:
+    print("==========", file=sys.stderr)
+    print(f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.3f} tokens-per-sec", file=sys.stderr)
+    print(f"Generation: {response.generation_tokens} tokens, {response.generation_tps:.3f} tokens-per-sec",
+          file=sys.stderr)
+    print(f"Time to first token: {response.time_to_first_token:.3f} s", file=sys.stderr)
+    print(f"Peak memory: {response.peak_memory:.3f} GB", file=sys.stderr)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except Gemma4Error as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

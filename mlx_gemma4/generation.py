@@ -1,0 +1,195 @@
+"""Generation as a generator: chunked prefill, then one sampled token per step, the next step queued before the
+current token is handed out (`mx.async_eval`), as mlx-lm's `generate_step` does."""
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional, Union
+
+import mlx.core as mx
+from mlx_lm.generate import wired_limit
+from mlx_lm.sample_utils import make_sampler
+
+from .errors import Gemma4Error
+
+DEFAULT_PREFILL_STEP_SIZE = 2048
+DEFAULT_MAX_TOKENS = 256
+# mlx keeps freed buffers for reuse; returning them now and then keeps a long generation's footprint flat.
+CLEAR_CACHE_EVERY = 256
+
+generation_stream = mx.new_stream(mx.default_device())
+
+
+@dataclass
+class GenerationResponse:
+    text: str  # the new piece of text; never half a UTF-8 character
+    token: int
+    logprobs: mx.array
+    from_draft: bool
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    time_to_first_token: float  # seconds
+    peak_memory: float  # GB
+    finish_reason: Optional[str] = None  # "stop" (end of turn or EOS), "length" (max tokens) or None
+
+
+def prefill_chunks(length: int, step: int, block_ids: Optional[mx.array] = None) -> list:
+    """(start, end) pieces of the prompt, each at most `step` long, except that a vision block (tokens that attend
+    to each other both ways) is never cut: a boundary inside one moves to the block's start, or its end."""
+    ids = None if block_ids is None else block_ids.reshape(-1).tolist()
+    bounds, start = [], 0
+    while start < length:
+        end = min(start + step, length)
+        if ids is not None and end < length and ids[end] >= 0 and ids[end] == ids[end - 1]:
+            block_start = end
+            while block_start > start and ids[block_start - 1] == ids[end]:
+                block_start -= 1
+            if block_start > start:
+                end = block_start
+            else:
+                while end < length and ids[end] == ids[start]:
+                    end += 1
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def generate_step(
+    prompt: mx.array,
+    model,
+    *,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    sampler: Optional[Callable] = None,
+    prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
+    prompt_cache: Optional[list] = None,
+    input_embeddings: Optional[mx.array] = None,
+    block_ids: Optional[mx.array] = None,
+) -> Iterator[tuple]:
+    """Yields (token, logprobs) for `prompt` (1-D token ids). `input_embeddings` (1, length, hidden) replaces the
+    token embeddings (multimodal prompts); `block_ids` (1, length) marks vision blocks for their attention mask."""
+    cache = model.make_cache() if prompt_cache is None else prompt_cache
+    sampler = sampler or make_sampler(0.0)
+
+    def forward(start: int, end: int, logits_to_keep: int):
+        chunk_blocks = None if block_ids is None else block_ids[:, start:end]
+        if input_embeddings is not None:
+            return model(cache=cache, input_embeddings=input_embeddings[:, start:end],
+                         logits_to_keep=logits_to_keep, block_ids=chunk_blocks)
+        return model(prompt[None, start:end], cache=cache, logits_to_keep=logits_to_keep, block_ids=chunk_blocks)
+
+    def sample(logits):
+        logprobs = logits[:, -1, :] - mx.logsumexp(logits[:, -1, :], axis=-1, keepdims=True)
+        return sampler(logprobs), logprobs.squeeze(0)
+
+    with mx.stream(generation_stream):
+        chunks = prefill_chunks(prompt.size, prefill_step_size, block_ids)
+        for start, end in chunks[:-1]:
+            forward(start, end, logits_to_keep=1)
+            mx.eval([c.state for c in cache])
+            mx.clear_cache()
+        token, logprobs = sample(forward(*chunks[-1], logits_to_keep=1))
+    mx.async_eval(token, logprobs)
+
+    produced = 0
+    while True:
+        if produced + 1 < max_tokens:
+            with mx.stream(generation_stream):
+                next_token, next_logprobs = sample(model(token[:, None], cache=cache))
+            mx.async_eval(next_token, next_logprobs)
+        yield token.item(), logprobs
+        produced += 1
+        if produced == max_tokens:
+            return
+        if produced % CLEAR_CACHE_EVERY == 0:
+            mx.clear_cache()
+        token, logprobs = next_token, next_logprobs
+
+
+def context_length(model) -> int:
+    return model.config.text_config.max_position_embeddings
+
+
+def prompt_ids(processor, prompt: Union[str, list]) -> list:
+    ids = processor.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    if not ids:
+        raise Gemma4Error("the prompt is empty")
+    return ids
+
+
+def stream_generate(
+    model,
+    processor,
+    prompt: Union[str, list],
+    *,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    temp: float = 0.0,
+    top_p: float = 0.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    seed: Optional[int] = None,
+    sampler: Optional[Callable] = None,
+    prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
+    prompt_cache: Optional[list] = None,
+) -> Iterator[GenerationResponse]:
+    """Streams the reply to `prompt` (text, already chat-formatted if wanted, or token ids) as GenerationResponses."""
+    if max_tokens < 1 or prefill_step_size < 1:
+        raise Gemma4Error("max_tokens and prefill_step_size must be at least 1")
+    ids = prompt_ids(processor, prompt)
+    past = prompt_cache[0].offset if prompt_cache else 0
+    limit = context_length(model)
+    if past + len(ids) >= limit:
+        raise Gemma4Error(f"the prompt has {past + len(ids)} tokens; the model's context holds {limit}")
+    max_tokens = min(max_tokens, limit - past - len(ids))
+    if seed is not None:
+        mx.random.seed(seed)
+    sampler = sampler or make_sampler(temp, top_p=top_p, min_p=min_p, top_k=top_k)
+    tokens = generate_step(mx.array(ids), model, max_tokens=max_tokens, sampler=sampler,
+                           prefill_step_size=prefill_step_size, prompt_cache=prompt_cache)
+    with wired_limit(model, [generation_stream]):
+        yield from stream_responses(tokens, processor, len(ids), max_tokens)
+
+
+def stream_responses(tokens: Iterator, processor, prompt_tokens: int, max_tokens: int) -> Iterator[GenerationResponse]:
+    """Detokenizes (token, logprobs[, from_draft]) steps into responses with running statistics."""
+    detokenizer = processor.tokenizer.detokenizer
+    detokenizer.reset()
+    mx.reset_peak_memory()
+    start = time.perf_counter()
+    for count, step in enumerate(tokens, start=1):
+        token, logprobs = step[0], step[1]
+        from_draft = step[2] if len(step) > 2 else False
+        now = time.perf_counter()
+        if count == 1:
+            time_to_first_token = now - start
+            decode_start = now
+        finish_reason = None
+        if token in processor.stop_token_ids:
+            finish_reason = "stop"
+        else:
+            detokenizer.add_token(token)
+            if count == max_tokens:
+                finish_reason = "length"
+        if finish_reason:
+            detokenizer.finalize()
+        decode_time = now - decode_start
+        yield GenerationResponse(
+            text=detokenizer.last_segment,
+            token=token,
+            logprobs=logprobs,
+            from_draft=from_draft,
+            prompt_tokens=prompt_tokens,
+            prompt_tps=prompt_tokens / time_to_first_token,
+            generation_tokens=count,
+            generation_tps=(count - 1) / decode_time if decode_time > 0 else 0.0,
+            time_to_first_token=time_to_first_token,
+            peak_memory=mx.get_peak_memory() / 1e9,
+            finish_reason=finish_reason,
+        )
+        if finish_reason:
+            return
+
+
+def generate(model, processor, prompt: Union[str, list], **options) -> str:
+    """The whole reply as one string; `options` as for stream_generate."""
+    return "".join(response.text for response in stream_generate(model, processor, prompt, **options))
