@@ -31,7 +31,14 @@ class Model(nn.Module):
         return self.language_model.model.make_cache()
 
     def embed_inputs(self, input_ids: mx.array) -> mx.array:
-        return self.language_model.model.embed(input_ids)
+        # As the reference: media placeholders embed as the pad token until their features are scattered in.
+        config = self.config
+        placeholders = (config.image_token_id, config.video_token_id, config.audio_token_id)
+        is_placeholder = mx.zeros(input_ids.shape, dtype=mx.bool_)
+        for token_id in placeholders:
+            is_placeholder = is_placeholder | (input_ids == token_id)
+        ids = mx.where(is_placeholder, config.text_config.pad_token_id, input_ids)
+        return self.language_model.model.embed(ids)
 
     def __call__(
         self,
