@@ -41,11 +41,14 @@ class SlidingMask:
 
 def same_block(block_ids: mx.array, key_length: int) -> mx.array:
     """True where query and key belong to one vision block. `block_ids` covers the new tokens only: a prompt is never
-    split inside a block, so older keys are never in a query's block."""
+    split inside a block, so older keys are never in a query's block. `block_ids` is (length,) or (batch, length);
+    the result broadcasts against (batch, heads, queries, keys)."""
     query_length = block_ids.shape[-1]
-    older = mx.full((key_length - query_length,), -1, dtype=block_ids.dtype)
-    key_blocks = mx.concatenate([older, block_ids])
-    return (block_ids[:, None] == key_blocks[None]) & (block_ids[:, None] >= 0)
+    older = mx.full((*block_ids.shape[:-1], key_length - query_length), -1, dtype=block_ids.dtype)
+    key_blocks = mx.concatenate([older, block_ids], axis=-1)
+    queries = block_ids[..., :, None]
+    same = (queries == key_blocks[..., None, :]) & (queries >= 0)
+    return same if block_ids.ndim == 1 else same[:, None]
 
 
 def vision_block_ids(mm_token_type_ids: mx.array) -> mx.array:
