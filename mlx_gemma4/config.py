@@ -175,9 +175,12 @@ class ModelConfig:
         scalars = {k: v for k, v in params.items() if k in cls.__dataclass_fields__ and not k.endswith("_config")}
         vision = params.get("vision_config")
         audio = params.get("audio_config")
+        text = TextConfig.from_dict(params.get("text_config") or {})
+        # transformers ties the head by the top-level flag of the composite config, whatever text_config says.
+        text.tie_word_embeddings = params.get("tie_word_embeddings", True)
         return cls(
             **scalars,
-            text_config=TextConfig.from_dict(params.get("text_config") or {}),
+            text_config=text,
             vision_config=VisionConfig.from_dict(vision) if vision is not None else None,
             audio_config=AudioConfig.from_dict(audio) if audio is not None else None,
         )

@@ -54,7 +54,7 @@ def text_config(**overrides) -> dict:
     return config
 
 
-def randomize(model, seed: int, scale: float = 0.1):
+def randomize(model, seed: int, scale: float = 0.07):
     """Every parameter random: matrices around 0, norm weights and layer scalars around 1."""
     import torch
 
@@ -81,6 +81,7 @@ def build_reference_model(text_overrides=None, vision=True, audio=True, seed=0, 
         text_config=text_config(**(text_overrides or {})),
         vision_config=dict(mm_embed_dim=40, output_proj_dims=40, mm_posemb_size=24) if vision else None,
         audio_config=dict(audio_embed_dim=640) if audio else None,
+        tie_word_embeddings=(text_overrides or {}).get("tie_word_embeddings", True),
         **(token_ids or {}),
     )
     config._attn_implementation = "eager"

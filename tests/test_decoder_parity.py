@@ -1,0 +1,102 @@
+"""The decoder reproduces transformers' Gemma4Unified logits, in every shape the config can describe."""
+
+import copy
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+
+from mlx_gemma4.loading import load_model
+from reference_models import reference_logits, save_reference_checkpoint
+
+FLOAT32_TOLERANCE = 1e-4
+# bfloat16 rounds in a different order in each framework, so its error is noise: we ask for the same size of noise
+# as transformers' own bfloat16 run: on average within half again, at the worst position within double.
+BFLOAT16_MEAN_RATIO = 1.5
+BFLOAT16_MAX_RATIO = 2.0
+
+SHAPES = {
+    "mixed_layers_k_eq_v_softcap": {},
+    "no_k_eq_v_no_softcap": dict(attention_k_eq_v=False, final_logit_softcapping=None),
+    "kv_sharing_double_wide_mlp": dict(num_kv_shared_layers=3, use_double_wide_mlp=True),
+    "untied_head": dict(tie_word_embeddings=False),
+    # Odd sizes, the default 5:1 layer pattern, and a global head whose partial rotary count rounds down (36 * 0.25
+    # / 2 = 4.5 -> 4 rotated pairs).
+    "odd_sizes_default_pattern": dict(
+        hidden_size=40, intermediate_size=56, num_hidden_layers=8, num_attention_heads=5, num_key_value_heads=1,
+        head_dim=6, global_head_dim=18, num_global_key_value_heads=None, layer_types=None, sliding_window=3,
+        vocab_size=353,
+    ),
+    "global_rope_scaled": dict(
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 500.0},
+            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.5, "rope_theta": 1e4,
+                               "factor": 2.0},
+        }
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(SHAPES))
+def checkpoint(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(request.param)
+    reference = save_reference_checkpoint(folder, SHAPES[request.param], seed=len(request.param))
+    return folder, reference
+
+
+def random_ids(vocab_size: int, length: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab_size, size=(1, length))
+
+
+def test_logits_match_reference_in_float32(checkpoint):
+    folder, reference = checkpoint
+    model = load_model(folder)
+    ids = random_ids(model.config.text_config.vocab_size, 19)
+    expected = reference_logits(reference, ids)
+    assert np.abs(np.array(model(mx.array(ids))) - expected).max() <= FLOAT32_TOLERANCE
+
+
+def test_cached_decode_matches_full_forward(checkpoint):
+    folder, reference = checkpoint
+    model = load_model(folder)
+    window = model.config.text_config.sliding_window
+    ids = random_ids(model.config.text_config.vocab_size, 3 * window + 4, seed=1)
+    expected = reference_logits(reference, ids)
+    cache = model.make_cache()
+    steps = [np.array(model(mx.array(ids[:, t : t + 1]), cache=cache)) for t in range(ids.shape[1])]
+    assert np.abs(np.concatenate(steps, axis=1) - expected).max() <= FLOAT32_TOLERANCE
+
+
+@pytest.mark.parametrize("chunk", [2, 5, 16])
+def test_chunked_prefill_matches_full_forward(checkpoint, chunk):
+    folder, reference = checkpoint
+    model = load_model(folder)
+    ids = random_ids(model.config.text_config.vocab_size, 23, seed=2)
+    expected = reference_logits(reference, ids)
+    cache = model.make_cache()
+    pieces = [np.array(model(mx.array(ids[:, s : s + chunk]), cache=cache)) for s in range(0, ids.shape[1], chunk)]
+    assert np.abs(np.concatenate(pieces, axis=1) - expected).max() <= FLOAT32_TOLERANCE
+
+
+def test_logits_to_keep_returns_the_last_positions(checkpoint):
+    folder, _ = checkpoint
+    model = load_model(folder)
+    ids = mx.array(random_ids(model.config.text_config.vocab_size, 9))
+    assert np.array_equal(np.array(model(ids, logits_to_keep=2)), np.array(model(ids))[:, -2:])
+
+
+def test_bfloat16_error_is_no_worse_than_the_references_own(checkpoint):
+    """In bfloat16 we stay as close to the float32 logits as transformers itself does in bfloat16."""
+    folder, reference = checkpoint
+    model = load_model(folder, dtype="bfloat16")
+    ids = random_ids(model.config.text_config.vocab_size, 19)
+    exact = reference_logits(reference, ids)
+    logits = model(mx.array(ids))
+    assert logits.dtype == mx.bfloat16
+    ours = np.abs(np.array(logits.astype(mx.float32)) - exact)
+    theirs = np.abs(reference_logits(copy.deepcopy(reference).to(torch.bfloat16), ids) - exact)
+    print(f"bfloat16 |diff| vs float32 reference, mean/max: ours {ours.mean():.4f}/{ours.max():.4f}, "
+          f"transformers' {theirs.mean():.4f}/{theirs.max():.4f}")
+    assert ours.mean() <= BFLOAT16_MEAN_RATIO * theirs.mean()
+    assert ours.max() <= BFLOAT16_MAX_RATIO * theirs.max()
