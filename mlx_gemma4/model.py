@@ -47,6 +47,7 @@ class Model(nn.Module):
         input_embeddings: Optional[mx.array] = None,
         logits_to_keep: int = 0,
         block_ids: Optional[mx.array] = None,
+        return_hidden: bool = False,
     ) -> mx.array:
         """Logits (batch, length, vocab), as the reference's `.logits`; `logits_to_keep` > 0 keeps only the last ones."""
         if input_embeddings is None:
@@ -54,7 +55,9 @@ class Model(nn.Module):
         hidden = self.language_model.model(input_embeddings, cache=cache, block_ids=block_ids)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        return self.language_model.logits(hidden)
+        logits = self.language_model.logits(hidden)
+        # The assistant drafter reads the final-normed hidden states the logits come from.
+        return (logits, hidden) if return_hidden else logits
 
     def sanitize(self, weights: dict) -> dict:
         """Hugging Face tensor names to ours; names already in our layout pass through."""
