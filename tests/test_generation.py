@@ -1,0 +1,104 @@
+"""Generation: greedy output equals transformers' greedy generate; sampling, stopping and streaming behave."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+
+from mlx_gemma4.errors import Gemma4Error
+from mlx_gemma4.generation import generate, prefill_chunks, stream_generate, stream_responses
+from mlx_gemma4.loading import load
+from reference_models import save_reference_checkpoint
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("generation")
+    reference = save_reference_checkpoint(folder, dict(sliding_window=4, max_position_embeddings=96), seed=5)
+    model, processor = load(folder)
+    return folder, reference, model, processor
+
+
+def reference_greedy(reference, ids, max_new_tokens, stop_ids=None):
+    output = reference.generate(
+        torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids,
+        pad_token_id=0,
+    )
+    return output[0, len(ids):].tolist()
+
+
+def test_greedy_tokens_equal_transformers_greedy_generate_past_the_window(checkpoint):
+    _, reference, model, processor = checkpoint
+    ids = processor.encode(processor.chat_prompt("The quick brown fox"))
+    expected = reference_greedy(reference, ids, 24)
+    got = [r.token for r in stream_generate(model, processor, ids, max_tokens=24, prefill_step_size=5)]
+    # Our stream stops at a stop token; transformers was told of none, so compare the common prefix.
+    assert got == expected[: len(got)]
+    assert len(got) == 24 or got[-1] in processor.stop_token_ids
+
+
+def test_generation_stops_at_the_end_of_turn_token(checkpoint):
+    _, _, model, processor = checkpoint
+    end_of_turn = processor.tokenizer.convert_tokens_to_ids("<turn|>")
+    responses = list(stream_generate(model, processor, [2, 40], max_tokens=10, sampler=lambda lp: mx.array([end_of_turn])))
+    assert [r.finish_reason for r in responses] == ["stop"]
+    assert responses[0].text == ""
+
+
+def test_generation_stops_at_max_tokens(checkpoint):
+    _, _, model, processor = checkpoint
+    responses = list(stream_generate(model, processor, [2, 40], max_tokens=7, sampler=lambda lp: mx.array([300])))
+    assert len(responses) == 7 and responses[-1].finish_reason == "length"
+    assert all(r.finish_reason is None for r in responses[:-1])
+
+
+def test_same_seed_gives_the_same_sample(checkpoint):
+    _, _, model, processor = checkpoint
+    first = generate(model, processor, [2, 40, 41], max_tokens=12, temp=1.0, seed=11)
+    second = generate(model, processor, [2, 40, 41], max_tokens=12, temp=1.0, seed=11)
+    assert first == second
+
+
+def test_top_k_of_one_is_greedy(checkpoint):
+    _, _, model, processor = checkpoint
+    greedy = [r.token for r in stream_generate(model, processor, [2, 40, 41], max_tokens=10)]
+    top_one = [r.token for r in stream_generate(model, processor, [2, 40, 41], max_tokens=10, temp=2.0, top_k=1, seed=3)]
+    assert top_one == greedy
+
+
+def test_prompt_past_the_context_is_refused(checkpoint):
+    _, _, model, processor = checkpoint
+    with pytest.raises(Gemma4Error, match="context holds 96"):
+        next(stream_generate(model, processor, [40] * 96))
+
+
+def test_max_tokens_is_cut_to_what_the_context_leaves(checkpoint):
+    _, _, model, processor = checkpoint
+    responses = list(stream_generate(model, processor, [40] * 90, max_tokens=50, sampler=lambda lp: mx.array([300])))
+    assert len(responses) == 6
+
+
+def test_streamed_text_never_splits_a_utf8_character(checkpoint):
+    _, _, _, processor = checkpoint
+    text = "東京 café 🙂!"
+    byte_ids = [processor.tokenizer.convert_tokens_to_ids(f"<0x{b:02X}>") for b in text.encode("utf-8")]
+    steps = ((token, mx.zeros((1,))) for token in byte_ids)
+    pieces = [r.text for r in stream_responses(steps, processor, prompt_tokens=1, max_tokens=len(byte_ids))]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in piece for piece in pieces)
+
+
+def test_statistics_are_reported(checkpoint):
+    _, _, model, processor = checkpoint
+    last = list(stream_generate(model, processor, [2, 40, 41], max_tokens=5))[-1]
+    assert last.prompt_tokens == 3 and last.generation_tokens == 5
+    assert last.prompt_tps > 0 and last.generation_tps > 0 and last.time_to_first_token > 0
+    assert last.peak_memory > 0 and last.from_draft is False
+
+
+def test_prefill_chunks_never_cut_a_vision_block():
+    blocks = mx.array([[-1, -1, 0, 0, 0, 0, -1, 1, 1, -1]])
+    assert prefill_chunks(10, 4, blocks) == [(0, 2), (2, 6), (6, 10)]
+    assert prefill_chunks(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    # A block longer than the step stays whole.
+    assert prefill_chunks(8, 2, mx.array([[-1, 0, 0, 0, 0, -1, -1, -1]])) == [(0, 1), (1, 5), (5, 7), (7, 8)]
