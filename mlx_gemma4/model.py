@@ -12,6 +12,7 @@ import mlx.nn as nn
 from .config import ModelConfig
 from .decoder import LanguageModel
 from .embedder import make_embedders
+from .multimodal import block_ids_for, merge_media
 
 # Reference buffers that are recomputed, never loaded.
 DERIVED_TENSORS = ("rotary_emb.inv_freq", "rotary_emb.original_inv_freq", "embed_scale")
@@ -30,7 +31,10 @@ class Model(nn.Module):
     def make_cache(self) -> list:
         return self.language_model.model.make_cache()
 
-    def embed_inputs(self, input_ids: mx.array) -> mx.array:
+    def embed_inputs(self, input_ids: mx.array, **media) -> mx.array:
+        """Token embeddings with image, video and audio soft tokens in place; `media` as the reference processor
+        names its arrays (pixel_values, image_position_ids, input_features, ...)."""
+        input_ids = mx.array(input_ids)
         # As the reference: media placeholders embed as the pad token until their features are scattered in.
         config = self.config
         placeholders = (config.image_token_id, config.video_token_id, config.audio_token_id)
@@ -38,7 +42,8 @@ class Model(nn.Module):
         for token_id in placeholders:
             is_placeholder = is_placeholder | (input_ids == token_id)
         ids = mx.where(is_placeholder, config.text_config.pad_token_id, input_ids)
-        return self.language_model.model.embed(ids)
+        embeddings = self.language_model.model.embed(ids)
+        return merge_media(self, input_ids, embeddings, **media) if media else embeddings
 
     def __call__(
         self,
@@ -48,10 +53,17 @@ class Model(nn.Module):
         logits_to_keep: int = 0,
         block_ids: Optional[mx.array] = None,
         return_hidden: bool = False,
+        mm_token_type_ids=None,
+        **media,
     ) -> mx.array:
-        """Logits (batch, length, vocab), as the reference's `.logits`; `logits_to_keep` > 0 keeps only the last ones."""
+        """Logits (batch, length, vocab), as the reference's `.logits`; `logits_to_keep` > 0 keeps only the last ones.
+
+        Takes the reference processor's output as it is: `mm_token_type_ids` turns on bidirectional attention within
+        each image or video frame, `media` are its arrays (see multimodal.MEDIA_INPUT_NAMES)."""
         if input_embeddings is None:
-            input_embeddings = self.embed_inputs(input_ids)
+            input_embeddings = self.embed_inputs(input_ids, **media)
+        if block_ids is None:
+            block_ids = block_ids_for(self.config, mm_token_type_ids)
         hidden = self.language_model.model(input_embeddings, cache=cache, block_ids=block_ids)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
