@@ -1,8 +1,11 @@
 """Attention masks, built as the reference's `create_causal_mask` / `create_masks_for_vision_model` build them.
 
-Full-attention layers are causal. Sliding layers are AND(window, OR(causal, same vision block)): tokens of one image
-(or one video frame) see each other both ways, but only on sliding layers, and only when the prompt says which
-tokens are vision tokens.
+Without vision blocks, full-attention layers are causal and sliding layers causal within the window. With them (the
+prompt says which tokens are image or video tokens), the reference's forward ORs "same vision block" onto both
+kinds, after the window: `masking_utils.create_causal_mask` / `create_sliding_window_causal_mask` with
+`block_sequence_ids`, which is what `Gemma4UnifiedModel.forward` (and so `generate` with its default cache) uses.
+The `create_masks_for_vision_model` docstring (sliding layers only, window over everything) describes only the
+static-cache path of `generate`; the logits of a plain forward follow the former, and so do we.
 """
 
 from typing import Optional
@@ -11,7 +14,8 @@ import mlx.core as mx
 
 
 class SlidingMask:
-    """A sliding layer's mask for `query_length` new tokens starting at position `offset`.
+    """A sliding layer's mask for `query_length` new tokens starting at position `offset` (`window` None: a full
+    layer's causal mask, needed as an array only when vision blocks open it up).
 
     A rotating cache hands back a variable number of keys (up to window - 1 old ones plus the new ones), so the mask
     is made once the key count is known; the keys are always the most recent positions, in order.
@@ -34,9 +38,11 @@ class SlidingMask:
         query_positions = mx.arange(self.offset, end)[:, None]
         key_positions = mx.arange(end - key_length, end)[None]
         visible = key_positions <= query_positions
+        if self.window is not None:
+            visible = visible & (key_positions > query_positions - self.window)
         if self.block_ids is not None:
             visible = visible | same_block(self.block_ids, key_length)
-        return visible & (key_positions > query_positions - self.window)
+        return visible
 
 
 def same_block(block_ids: mx.array, key_length: int) -> mx.array:

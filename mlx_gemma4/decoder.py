@@ -183,7 +183,8 @@ class TextModel(nn.Module):
         if length == 1:
             # One query: every cached key is in the past, and a rotating cache holds exactly the window.
             return {FULL: None, SLIDING: None}
-        return {FULL: "causal", SLIDING: SlidingMask(offset, length, self.config.sliding_window, block_ids)}
+        full = "causal" if block_ids is None else SlidingMask(offset, length, None, block_ids)
+        return {FULL: full, SLIDING: SlidingMask(offset, length, self.config.sliding_window, block_ids)}
 
 
 class LanguageModel(nn.Module):
