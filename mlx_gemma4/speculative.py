@@ -1,0 +1,294 @@
+"""Speculative decoding with the Gemma 4 assistant drafter (multi-token prediction).
+
+Each round: the drafter proposes k tokens from the target's last hidden state and stored keys and values (no cache of
+its own), the target verifies all k + 1 positions in one pass, the longest agreeing prefix is kept plus the target's
+own next token, and the target's caches are trimmed by exactly the rejected tokens. Greedy decoding keeps a draft
+token when it is the target's argmax; sampling uses the standard rejection rule (keep with probability
+min(1, p / q), else draw from max(0, p - q)), both distributions filtered as the plain sampler filters, so the output
+is distributed as plain sampling from the target.
+
+Sliding-window layers cannot use a rotating cache (it cannot be trimmed once it wraps), so they keep their keys in
+position order with a margin for rollback and for the drafter, which reads one key more than the window.
+"""
+
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import mlx.core as mx
+from mlx_lm.models.cache import KVCache
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_sampler
+
+from .config import SLIDING
+from .errors import Gemma4Error
+from .generation import CLEAR_CACHE_EVERY, DEFAULT_PREFILL_STEP_SIZE, generate_step, generation_stream
+
+MAX_DRAFT_TOKENS = 16
+# The adaptive schedule of transformers' assisted generation ("heuristic"): start here, two more after a fully
+# accepted draft, one fewer after a rejection.
+INITIAL_DRAFT_TOKENS = 3
+DRAFT_GROWTH_ON_FULL_ACCEPTANCE = 2
+
+
+class SlidingWindowCache:
+    """A sliding layer's keys and values in position order, trimmable. It keeps the last `retained` positions
+    (window + 1 for the drafter, plus the most a verify pass can reject), so memory stays bounded; a query block of
+    n tokens gets the window - 1 keys before it plus its own, as mlx-lm's RotatingKVCache hands them out."""
+
+    step = 256
+
+    def __init__(self, window: int, retained: int):
+        self.window = window
+        self.retained = retained
+        self.keys = self.values = None
+        self.offset = 0  # positions seen
+        self.end = 0  # keys held in the buffer
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        length = keys.shape[2]
+        if self.keys is None or self.end + length > self.keys.shape[2]:
+            self._compact(keys, values, length)
+        self.keys[..., self.end : self.end + length, :] = keys
+        self.values[..., self.end : self.end + length, :] = values
+        self.end += length
+        self.offset += length
+        start = max(0, self.end - (self.window - 1 + length))
+        return self.keys[..., start : self.end, :], self.values[..., start : self.end, :]
+
+    def _compact(self, keys: mx.array, values: mx.array, length: int):
+        kept = min(self.end, self.retained)
+        capacity = kept + length + self.step
+        batch, heads, _, key_dim = keys.shape
+        new_keys = mx.zeros((batch, heads, capacity, key_dim), keys.dtype)
+        new_values = mx.zeros((batch, heads, capacity, values.shape[3]), values.dtype)
+        if kept:
+            new_keys[..., :kept, :] = self.keys[..., self.end - kept : self.end, :]
+            new_values[..., :kept, :] = self.values[..., self.end - kept : self.end, :]
+        self.keys, self.values, self.end = new_keys, new_values, kept
+
+    def keys_and_values(self):
+        return self.keys[..., : self.end, :], self.values[..., : self.end, :]
+
+    @property
+    def state(self):
+        return self.keys_and_values()
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, count: int) -> int:
+        assert count <= self.end, "trimmed past the retained keys"
+        self.end -= count
+        self.offset -= count
+        return count
+
+
+def make_speculative_cache(model, max_draft_tokens: int = MAX_DRAFT_TOKENS) -> list:
+    """The target's caches, every one trimmable; sliding layers keep what a rollback and the drafter need."""
+    text_model = model.language_model.model
+    config = text_model.config
+    retained = config.sliding_window + 1 + max_draft_tokens
+    return [
+        SlidingWindowCache(config.sliding_window, retained) if config.layer_types[i] == SLIDING else KVCache()
+        for i in text_model.cached_layers
+    ]
+
+
+def store_caches(model, cache: list) -> dict:
+    """{layer kind: cache of the target's last layer of that kind that owns one}: the reference's "store" layers,
+    whose keys and values the assistant reads."""
+    kinds = model.language_model.model.config.layer_types
+    return {kinds[layer]: layer_cache for layer, layer_cache in zip(model.language_model.model.cached_layers, cache)}
+
+
+class LastHiddenRecorder:
+    """The target as generate_step calls it during prefill, keeping the final-normed hidden state of the last
+    position: the drafter's first input. Everything else is the target's own."""
+
+    def __init__(self, model):
+        self.model = model
+        self.last_hidden = None
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, *args, **kwargs):
+        logits, hidden = self.model(*args, return_hidden=True, **kwargs)
+        self.last_hidden = hidden[:, -1:]
+        return logits
+
+
+def make_filter(temp: float, top_p: float, top_k: int, min_p: float):
+    """Logits to the log-probabilities a sampler draws from: mlx-lm's filters in make_sampler's order, then the
+    temperature. The same filter is applied to target and drafter."""
+    filters = []
+    if 0 < top_p < 1.0:
+        filters.append(lambda x: apply_top_p(x, top_p))
+    if min_p != 0.0:
+        filters.append(lambda x: apply_min_p(x, min_p))
+    if top_k > 0:
+        filters.append(lambda x: apply_top_k(x, top_k))
+
+    def sampling_logprobs(logits: mx.array) -> mx.array:
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        for apply in filters:
+            logprobs = apply(logprobs)
+        scaled = logprobs / temp
+        return scaled - mx.logsumexp(scaled, axis=-1, keepdims=True)
+
+    return sampling_logprobs
+
+
+def accept_greedy(target_logits: mx.array, drafts: mx.array, draft_logprobs):
+    """(accepted per draft, the target's token at every position)."""
+    target_tokens = mx.argmax(target_logits, axis=-1)
+    return drafts == target_tokens[:-1], target_tokens
+
+
+def make_rejection_rule(sampling_logprobs):
+    def accept_sampled(target_logits: mx.array, drafts: mx.array, draft_logprobs: mx.array):
+        """(accepted per draft, the token to emit at every position if it is the first rejected one (a draw from
+        max(0, p - q)) or the bonus position (a draw from p))."""
+        target = mx.exp(sampling_logprobs(target_logits))
+        draft = mx.exp(draft_logprobs)
+        k = drafts.shape[0]
+        p_draft = mx.take_along_axis(target[:k], drafts[:, None], axis=-1)[:, 0]
+        q_draft = mx.take_along_axis(draft, drafts[:, None], axis=-1)[:, 0]
+        accepted = mx.random.uniform(shape=(k,)) * q_draft < p_draft
+        residual = mx.log(mx.maximum(target[:k] - draft, 0.0))
+        fallback = mx.random.categorical(mx.concatenate([residual, mx.log(target[k:])], axis=0))
+        return accepted, fallback
+
+    return accept_sampled
+
+
+class DraftLength:
+    """A fixed K, or (None) the adaptive schedule."""
+
+    def __init__(self, fixed: Optional[int]):
+        if fixed is not None and not 1 <= fixed <= MAX_DRAFT_TOKENS:
+            raise Gemma4Error(f"num_draft_tokens must be between 1 and {MAX_DRAFT_TOKENS}")
+        self.fixed = fixed
+        self.current = fixed or INITIAL_DRAFT_TOKENS
+
+    def update(self, drafted: int, accepted: int):
+        if self.fixed is None and drafted:
+            grown = self.current + DRAFT_GROWTH_ON_FULL_ACCEPTANCE
+            self.current = min(MAX_DRAFT_TOKENS, grown) if accepted == drafted else max(1, self.current - 1)
+
+
+@dataclass
+class DraftStatistics:
+    drafted: int = 0  # draft tokens proposed
+    accepted: int = 0  # draft tokens emitted
+    target_passes: int = 0  # verify passes (the prefill not counted)
+    emitted: int = 0  # tokens emitted by verify passes
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tokens_per_pass(self) -> float:
+        return self.emitted / self.target_passes if self.target_passes else 0.0
+
+
+def speculative_generate_step(
+    prompt: mx.array,
+    model,
+    drafter,
+    *,
+    max_tokens: int,
+    temp: float = 0.0,
+    top_p: float = 0.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    num_draft_tokens: Optional[int] = None,
+    prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
+    prompt_cache: Optional[list] = None,
+    statistics: Optional[DraftStatistics] = None,
+    **model_inputs,
+) -> Iterator[tuple]:
+    """Yields (token, logprobs, from_draft) for `prompt`; the prefill (media included) is generate_step's own."""
+    draft_length = DraftLength(num_draft_tokens)
+    statistics = statistics if statistics is not None else DraftStatistics()
+    cache = make_speculative_cache(model) if prompt_cache is None else prompt_cache
+    if not all(c.is_trimmable() for c in cache):
+        raise Gemma4Error("speculative decoding needs trimmable caches: make them with make_speculative_cache")
+    stores = store_caches(model, cache)
+    embed = model.language_model.model.embed
+    greedy = temp == 0
+    sampling_logprobs = None if greedy else make_filter(temp, top_p, top_k, min_p)
+    accept = accept_greedy if greedy else make_rejection_rule(sampling_logprobs)
+
+    recorder = LastHiddenRecorder(model)
+    sampler = make_sampler(temp, top_p=top_p, min_p=min_p, top_k=top_k)
+    token, logprobs = next(generate_step(prompt, recorder, max_tokens=1, sampler=sampler,
+                                         prefill_step_size=prefill_step_size, prompt_cache=cache, **model_inputs))
+    yield token, logprobs, False
+    hidden = recorder.last_hidden
+
+    def start_round(token: int, hidden: mx.array, k: int) -> dict:
+        """Draft k tokens, then verify them; all queued, nothing waited for."""
+        with mx.stream(generation_stream):
+            position = cache[0].offset
+            target_kv = {kind: c.keys_and_values() for kind, c in stores.items()}
+            current, state = mx.array([[token]]), hidden
+            drafts, draft_logprobs = [], []
+            for _ in range(k):
+                logits, state = drafter(embed(current), state, target_kv, position)
+                if greedy:
+                    current = mx.argmax(logits[:, -1], axis=-1, keepdims=True)
+                else:
+                    draft_logprobs.append(sampling_logprobs(logits[:, -1]))
+                    current = mx.random.categorical(draft_logprobs[-1])[:, None]
+                drafts.append(current)
+            verify_ids = mx.concatenate([mx.array([[token]])] + drafts, axis=1)
+            target_logits, target_hidden = model(verify_ids, cache=cache, return_hidden=True)
+            target_logits = target_logits[0]
+            draft_ids = verify_ids[0, 1:]
+            no_drafts = mx.zeros((0, target_logits.shape[-1]), dtype=target_logits.dtype)
+            accepted, fallback = accept(target_logits, draft_ids, mx.concatenate(draft_logprobs) if draft_logprobs else no_drafts)
+            logprobs = target_logits - mx.logsumexp(target_logits, axis=-1, keepdims=True)
+        step = dict(k=k, drafts=draft_ids, accepted=accepted, fallback=fallback, logprobs=logprobs, hidden=target_hidden)
+        mx.async_eval(draft_ids, accepted, fallback, logprobs, target_hidden)
+        return step
+
+    produced = 1
+    step = start_round(token, hidden, min(draft_length.current, max_tokens - produced - 1)) if max_tokens > 1 else None
+    while step is not None:
+        k = step["k"]
+        accepted = step["accepted"].tolist() + [False]
+        count = accepted.index(False)
+        tokens = step["drafts"].tolist()[:count] + [step["fallback"][count].item()]
+        for layer_cache in cache:
+            layer_cache.trim(k - count)
+        statistics.drafted += k
+        statistics.target_passes += 1
+        draft_length.update(k, count)
+        tokens = tokens[: max_tokens - produced]
+        statistics.emitted += len(tokens)
+        step_logprobs = step["logprobs"]
+        if produced + len(tokens) < max_tokens:
+            # Queue the next round before handing out this one's tokens: it runs while the caller works.
+            step = start_round(tokens[-1], step["hidden"][:, count : count + 1],
+                               min(draft_length.current, max_tokens - produced - len(tokens) - 1))
+        else:
+            step = None
+        for index, token in enumerate(tokens):
+            from_draft = index < count
+            statistics.accepted += from_draft
+            yield token, step_logprobs[index], from_draft
+            produced += 1
+            if produced % CLEAR_CACHE_EVERY == 0:
+                mx.clear_cache()
+
+
+def speculative_steps(prompt: mx.array, model, drafter, *, sampler=None, **options) -> Iterator[tuple]:
+    """speculative_generate_step for stream_generate: checks the pair and the options before anything runs."""
+    from .drafter import check_compatible
+
+    if sampler is not None:
+        raise Gemma4Error("speculative decoding samples with temp/top_p/top_k/min_p; a custom sampler cannot be used")
+    check_compatible(drafter, model)
+    DraftLength(options.get("num_draft_tokens"))
+    return speculative_generate_step(prompt, model, drafter, **options)
