@@ -131,8 +131,14 @@ def stream_generate(
     sampler: Optional[Callable] = None,
     prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
     prompt_cache: Optional[list] = None,
+    draft_model=None,
+    num_draft_tokens: Optional[int] = None,
+    draft_statistics=None,
 ) -> Iterator[GenerationResponse]:
-    """Streams the reply to `prompt` (text, already chat-formatted if wanted, or token ids) as GenerationResponses."""
+    """Streams the reply to `prompt` (text, already chat-formatted if wanted, or token ids) as GenerationResponses.
+
+    With `draft_model` (a drafter.Drafter) decoding is speculative (speculative.py): `num_draft_tokens` fixes the draft
+    length (None adapts it), `draft_statistics` (a speculative.DraftStatistics) collects acceptance figures."""
     if max_tokens < 1 or prefill_step_size < 1:
         raise Gemma4Error("max_tokens and prefill_step_size must be at least 1")
     ids = prompt_ids(processor, prompt)
@@ -143,9 +149,18 @@ def stream_generate(
     max_tokens = min(max_tokens, limit - past - len(ids))
     if seed is not None:
         mx.random.seed(seed)
-    sampler = sampler or make_sampler(temp, top_p=top_p, min_p=min_p, top_k=top_k)
-    tokens = generate_step(mx.array(ids), model, max_tokens=max_tokens, sampler=sampler,
-                           prefill_step_size=prefill_step_size, prompt_cache=prompt_cache)
+    if draft_model is not None:
+        from .speculative import speculative_steps
+
+        tokens = speculative_steps(
+            mx.array(ids), model, draft_model, max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k,
+            min_p=min_p, sampler=sampler, num_draft_tokens=num_draft_tokens, prefill_step_size=prefill_step_size,
+            prompt_cache=prompt_cache, statistics=draft_statistics,
+        )
+    else:
+        sampler = sampler or make_sampler(temp, top_p=top_p, min_p=min_p, top_k=top_k)
+        tokens = generate_step(mx.array(ids), model, max_tokens=max_tokens, sampler=sampler,
+                               prefill_step_size=prefill_step_size, prompt_cache=prompt_cache)
     with wired_limit(model, [generation_stream]):
         yield from stream_responses(tokens, processor, len(ids), max_tokens)
 
