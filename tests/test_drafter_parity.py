@@ -1,0 +1,86 @@
+"""The assistant drafter against the reference: logits and projected state from given target states, and from the
+target's own states after a prompt, read as transformers' assisted generation reads them."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+
+from mlx_gemma4.drafter import load_drafter
+from mlx_gemma4.loading import load
+from mlx_gemma4.speculative import make_speculative_cache, store_caches
+from reference_models import save_reference_checkpoint
+from speculative_fixtures import TARGET_HIDDEN, all_layers_reuse, save_reference_assistant
+
+TOLERANCE = 1e-4
+SLIDING_WINDOW = 6  # speculative_fixtures.assistant_text_config
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["lm_head", "centroid_masked_head"])
+def assistant(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("assistant")
+    # The centroid head needs a vocabulary that splits evenly into the 8 clusters.
+    vocab = 384 if request.param else 389
+    reference = save_reference_assistant(folder, ordered=request.param, vocab_size=vocab, seed=3)
+    return reference, load_drafter(folder)
+
+
+def reference_draft(reference, embedding, hidden, target_kv, position):
+    with torch.no_grad(), all_layers_reuse():
+        out = reference(
+            inputs_embeds=torch.from_numpy(np.concatenate([embedding, hidden], axis=-1)),
+            position_ids=torch.tensor([[position]]),
+            shared_kv_states={kind: (torch.from_numpy(k), torch.from_numpy(v)) for kind, (k, v) in target_kv.items()},
+        )
+    return out.logits.numpy(), out.last_hidden_state.numpy()
+
+
+def random_target_states(rng, full_length, sliding_length):
+    def pair(heads, length, dim):
+        return tuple(rng.standard_normal((1, heads, length, dim)).astype(np.float32) for _ in range(2))
+
+    embedding, hidden = (rng.standard_normal((1, 1, TARGET_HIDDEN)).astype(np.float32) for _ in range(2))
+    return embedding, hidden, {"full_attention": pair(1, full_length, 20), "sliding_attention": pair(2, sliding_length, 12)}
+
+
+# Sliding key counts below, at and past the window + 1 the reference's sliding mask lets through.
+@pytest.mark.parametrize("full_length,sliding_length", [(3, 3), (7, 7), (20, 12)])
+def test_assistant_logits_and_state_match_the_reference_given_target_states(assistant, full_length, sliding_length):
+    reference, drafter = assistant
+    embedding, hidden, target_kv = random_target_states(np.random.default_rng(full_length), full_length, sliding_length)
+    expected_logits, expected_state = reference_draft(reference, embedding, hidden, target_kv, full_length)
+    logits, state = drafter(mx.array(embedding), mx.array(hidden),
+                            {kind: (mx.array(k), mx.array(v)) for kind, (k, v) in target_kv.items()}, full_length)
+    assert np.abs(np.array(logits) - expected_logits).max() <= TOLERANCE
+    assert np.abs(np.array(state) - expected_state).max() <= TOLERANCE
+
+
+def test_first_draft_from_our_target_matches_the_reference_pair(tmp_path, assistant):
+    """As SinglePositionMultiTokenCandidateGenerator drafts after the prompt: the target's final-normed hidden state
+    of the last prompt token, the scaled target embedding of the first generated token at position len(prompt),
+    and the target's shared KV. The reference target stores KV only when it shares layers, hence 2 shared here."""
+    reference_assistant, drafter = assistant
+    vocab = reference_assistant.config.text_config.vocab_size
+    reference_target = save_reference_checkpoint(
+        tmp_path, dict(num_kv_shared_layers=2, vocab_size=vocab), vision=False, audio=False, seed=4
+    )
+    target, _ = load(tmp_path)
+    prompt = list(range(20, 20 + 3 * SLIDING_WINDOW))
+
+    with torch.no_grad():
+        out = reference_target(input_ids=torch.tensor([prompt]), output_hidden_states=True,
+                               return_shared_kv_states=True)
+        first_token = int(out.logits[0, -1].argmax())
+        embedding = reference_target.get_input_embeddings()(torch.tensor([[first_token]])).numpy()
+    hidden = out.hidden_states[-1][:, -1:].numpy()
+    shared = {kind: (k.numpy(), v.numpy()) for kind, (k, v) in out.shared_kv_states.items()}
+    expected_logits, expected_state = reference_draft(reference_assistant, embedding, hidden, shared, len(prompt))
+
+    cache = make_speculative_cache(target)
+    logits, our_hidden = target(mx.array([prompt]), cache=cache, return_hidden=True)
+    assert int(mx.argmax(logits[0, -1]).item()) == first_token
+    target_kv = {kind: c.keys_and_values() for kind, c in store_caches(target, cache).items()}
+    embed = target.language_model.model.embed(mx.array([[first_token]]))
+    draft_logits, state = drafter(embed, our_hidden[:, -1:], target_kv, len(prompt))
+    assert np.abs(np.array(draft_logits) - expected_logits).max() <= TOLERANCE
+    assert np.abs(np.array(state) - expected_state).max() <= TOLERANCE
