@@ -1,0 +1,3 @@
+"""Mixed-precision recipes: which layers keep more bits (placeholder, filled from measurements)."""
+
+RECIPES = {}
