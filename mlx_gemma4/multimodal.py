@@ -5,6 +5,7 @@ placeholders is filled, in order, with the projected patches or audio frames. Vi
 attend to themselves both ways on sliding layers (see attention_mask.py).
 """
 
+import re
 from typing import Optional
 
 import mlx.core as mx
@@ -99,3 +100,60 @@ def block_ids_for(config, mm_token_type_ids) -> Optional[mx.array]:
     if mm_token_type_ids is None or config.text_config.use_bidirectional_attention != "vision":
         return None
     return vision_block_ids(mx.array(mm_token_type_ids))
+
+
+def expand_media(processor, text: str, images=None, audio=None, videos=None) -> tuple:
+    """`text` with every media placeholder expanded to its item's soft tokens, and the media arrays (numpy, under
+    the reference's names). One pass over the text, as the reference's get_text_with_replacements: expansions
+    themselves repeat the placeholder tokens and must not be expanded again."""
+    config = processor.config
+    token = processor.tokenizer.convert_ids_to_tokens
+    begin_image, end_image = token(config.boi_token_id), token(config.eoi_token_id)
+    placeholders = {
+        "image": token(config.image_token_id), "video": token(config.video_token_id),
+        "audio": token(config.audio_token_id),
+    }
+    replacements = {kind: [] for kind in placeholders}
+    media = {}
+    if images:
+        from .image_processing import process_images
+
+        processed = process_images(images, processor.image_budget)
+        replacements["image"] = [begin_image + placeholders["image"] * count + end_image
+                                 for count in processed.pop("num_soft_tokens_per_image")]
+        media.update(processed)
+    if videos:
+        from .video_processing import process_videos
+
+        processed = process_videos(videos, processor.video_budget)
+        counts, stamps_per_video = processed.pop("num_soft_tokens_per_video"), processed.pop("timestamps_per_video")
+        # Each frame: its mm:ss time, then its soft tokens between the image begin/end tokens.
+        replacements["video"] = [
+            " ".join(f"{stamp} {begin_image}{placeholders['video'] * count}{end_image}" for stamp in stamps)
+            for count, stamps in zip(counts, stamps_per_video)
+        ]
+        media.update(processed)
+    if audio:
+        from .audio_processing import process_audio
+
+        processed = process_audio(audio)
+        begin_audio, end_audio = token(config.boa_token_id), token(config.eoa_token_index)
+        replacements["audio"] = [begin_audio + placeholders["audio"] * int(count) + end_audio
+                                 for count in processed["input_features_mask"].sum(axis=-1)]
+        media.update(processed)
+    return expand_placeholders(text, placeholders, replacements), media
+
+
+def expand_placeholders(text: str, placeholders: dict, replacements: dict) -> str:
+    """Kinds without inputs are left as they are, as the reference leaves them (they embed as pad)."""
+    placeholders = {kind: placeholder for kind, placeholder in placeholders.items() if replacements[kind]}
+    if not placeholders:
+        return text
+    for kind, placeholder in placeholders.items():
+        found, given = text.count(placeholder), len(replacements[kind])
+        if found != given:
+            raise Gemma4Error(f"the prompt has {found} {placeholder} placeholder(s) for {given} {kind} input(s)")
+    pattern = "|".join(re.escape(placeholder) for placeholder in placeholders.values())
+    kinds = {placeholder: kind for kind, placeholder in placeholders.items()}
+    queues = {kind: iter(items) for kind, items in replacements.items()}
+    return re.sub(pattern, lambda match: next(queues[kinds[match.group(0)]]), text)
