@@ -1,4 +1,5 @@
-"""Turns what a user gives (text, chat messages) into model inputs, and knows which tokens end a reply."""
+"""Turns what a user gives (text, chat messages, images, audio, video) into model inputs, and knows which tokens end
+a reply."""
 
 from pathlib import Path
 from typing import Optional
@@ -9,17 +10,24 @@ from mlx_lm.tokenizer_utils import load as load_tokenizer
 
 from .config import ModelConfig
 from .errors import Gemma4Error
+from .image_processing import PatchBudget
+from .video_processing import VIDEO_BUDGET
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 # Gemma 4 closes every chat turn with this token; generation stops on it as on EOS.
 END_OF_TURN_TOKEN = "<turn|>"
+# mm_token_type_ids values, as the reference's ProcessorMixin.create_mm_token_type_ids writes them.
+MEDIA_TOKEN_TYPES = {"image_token_id": 1, "video_token_id": 2, "audio_token_id": 3}
 
 
 class Processor:
-    def __init__(self, tokenizer: TokenizerWrapper, config: ModelConfig, stop_token_ids: set):
+    def __init__(self, tokenizer: TokenizerWrapper, config: ModelConfig, stop_token_ids: set,
+                 image_budget: PatchBudget = PatchBudget(), video_budget: PatchBudget = VIDEO_BUDGET):
         self.tokenizer = tokenizer
         self.config = config
         self.stop_token_ids = stop_token_ids
+        self.image_budget = image_budget
+        self.video_budget = video_budget
 
     @classmethod
     def from_folder(cls, model_path: Path, config: ModelConfig) -> "Processor":
@@ -40,7 +48,10 @@ class Processor:
         end_of_turn = tokenizer.get_vocab().get(END_OF_TURN_TOKEN)
         if end_of_turn is not None:
             stop.add(end_of_turn)
-        return cls(tokenizer, config, stop)
+        media = read_json(model_path / "processor_config.json") if (model_path / "processor_config.json").exists() else {}
+        image_budget = PatchBudget.from_dict(media.get("image_processor", {}))
+        video_budget = PatchBudget.from_dict({**VIDEO_BUDGET.__dict__, **media.get("video_processor", {})})
+        return cls(tokenizer, config, stop, image_budget, video_budget)
 
     def apply_chat_template(self, messages: list, add_generation_prompt: bool = True, **template_options) -> str:
         if self.tokenizer.chat_template is None:
@@ -52,9 +63,16 @@ class Processor:
             messages, tokenize=False, add_generation_prompt=add_generation_prompt, **template_options
         )
 
-    def chat_prompt(self, user_text: str, system_prompt: Optional[str] = None, **template_options) -> str:
+    def chat_prompt(self, user_text: str, system_prompt: Optional[str] = None, images: int = 0, audio: int = 0,
+                    videos: int = 0, **template_options) -> str:
+        """One user turn; with media, the message lists one placeholder per image, video and audio clip (in that
+        order) before the text, for __call__ to expand."""
         messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-        messages.append({"role": "user", "content": user_text})
+        content = user_text
+        if images or audio or videos:
+            content = [{"type": "image"}] * images + [{"type": "video"}] * videos + [{"type": "audio"}] * audio
+            content = content + [{"type": "text", "text": user_text}]
+        messages.append({"role": "user", "content": content})
         return self.apply_chat_template(messages, **template_options)
 
     def encode(self, text: str) -> list:
@@ -62,5 +80,21 @@ class Processor:
         bos = self.tokenizer.bos_token
         return self.tokenizer.encode(text, add_special_tokens=bos is None or not text.startswith(bos))
 
-    def __call__(self, text: str) -> dict:
-        return {"input_ids": mx.array([self.encode(text)])}
+    def __call__(self, text: str, images: Optional[list] = None, audio: Optional[list] = None,
+                 videos: Optional[list] = None) -> dict:
+        """Model inputs under the reference processor's names. As there, each `<|image|>`, `<|audio|>` or `<|video|>`
+        in `text` stands for the next item of its list and is expanded to that item's soft tokens between begin and
+        end tokens; the media arrays and `mm_token_type_ids` come with it."""
+        from .multimodal import expand_media
+
+        text, media = expand_media(self, text, images, audio, videos)
+        ids = self.encode(text)
+        inputs = {"input_ids": mx.array([ids])}
+        if media:
+            types = [0] * len(ids)
+            for name, kind in MEDIA_TOKEN_TYPES.items():
+                token_id = getattr(self.config, name)
+                types = [kind if token == token_id else old for token, old in zip(ids, types)]
+            inputs["mm_token_type_ids"] = mx.array([types])
+            inputs.update({name: mx.array(value) for name, value in media.items()})
+        return inputs
