@@ -1,0 +1,220 @@
+"""Speculative decoding is lossless: greedy output equals plain greedy output token for token (any draft length,
+across the sliding window, with drafters that are always right or always wrong), it stops where plain decoding
+stops, and sampled tokens follow the target's own filtered distribution."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_gemma4.drafter import load_drafter
+from mlx_gemma4.errors import Gemma4Error
+from mlx_gemma4.generation import stream_generate
+from mlx_gemma4.loading import load
+from mlx_gemma4.speculative import (
+    DraftStatistics, SlidingWindowCache, make_filter, speculative_generate_step,
+)
+from reference_models import save_reference_checkpoint
+from speculative_fixtures import save_reference_assistant
+
+SLIDING_WINDOW = 4
+# Long enough to pass the sliding window many times over, and the rollback margin too.
+GENERATED = 40
+PROMPT = list(range(20, 31))
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    # A small allocation step makes the sliding caches compact (drop old keys) every few rounds here.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(SlidingWindowCache, "step", 5)
+        yield build_pair(tmp_path_factory)
+
+
+def build_pair(tmp_path_factory):
+    target_folder = tmp_path_factory.mktemp("target")
+    save_reference_checkpoint(target_folder, dict(sliding_window=SLIDING_WINDOW), vision=False, audio=False, seed=7)
+    assistant_folder = tmp_path_factory.mktemp("assistant")
+    save_reference_assistant(assistant_folder, seed=8, sliding_window=SLIDING_WINDOW)
+    model, processor = load(target_folder)
+    processor.stop_token_ids = set()  # random models stop at random places; these tests choose their stops
+    plain = [r.token for r in stream_generate(model, processor, PROMPT, max_tokens=GENERATED)]
+    return model, processor, load_drafter(assistant_folder), plain
+
+
+class ScriptedDrafter:
+    """A drafter double that proposes the plain greedy continuation (`wrong`: always another token)."""
+
+    def __init__(self, drafter, sequence: list, wrong: bool = False):
+        self.config = drafter.config  # passes stream_generate's compatibility check
+        self.sequence, self.vocab_size, self.wrong = sequence, drafter.config.text_config.vocab_size, wrong
+        self.position, self.step = None, 0
+
+    def __call__(self, token_embedding, target_hidden, target_kv, position):
+        if position != self.position:
+            self.position, self.step = position, 0
+        index = position + 1 + self.step
+        self.step += 1
+        token = self.sequence[index] if index < len(self.sequence) else 0
+        if self.wrong:
+            token = (token + 1) % self.vocab_size
+        logits = mx.zeros((1, 1, self.vocab_size)).at[..., token].add(10.0)
+        return logits, target_hidden
+
+
+def speculative_tokens(model, processor, drafter, **options):
+    statistics = DraftStatistics()
+    responses = list(stream_generate(model, processor, PROMPT, draft_model=drafter, draft_statistics=statistics,
+                                     **{"max_tokens": GENERATED, **options}))
+    return [r.token for r in responses], [r.from_draft for r in responses], statistics
+
+
+@pytest.mark.parametrize("num_draft_tokens", [1, 2, 3, 4, 5, 6, None], ids=lambda k: f"K={k or 'adaptive'}")
+def test_greedy_speculative_output_equals_plain_greedy_past_the_window(pair, num_draft_tokens):
+    model, processor, drafter, plain = pair
+    tokens, _, _ = speculative_tokens(model, processor, drafter, num_draft_tokens=num_draft_tokens)
+    assert tokens == plain
+
+
+@pytest.mark.parametrize("num_draft_tokens", [2, 5, None], ids=lambda k: f"K={k or 'adaptive'}")
+def test_an_always_right_drafter_is_accepted_whole_and_matches(pair, num_draft_tokens):
+    model, processor, drafter, plain = pair
+    oracle = ScriptedDrafter(drafter, PROMPT + plain)
+    tokens, from_draft, statistics = speculative_tokens(model, processor, oracle, num_draft_tokens=num_draft_tokens)
+    assert tokens == plain
+    assert statistics.accepted == statistics.drafted > 0
+    assert sum(from_draft) == statistics.accepted
+    if num_draft_tokens:
+        # Every pass but the last yields its K drafts plus the target's own token.
+        assert statistics.target_passes == -(-(GENERATED - 1) // (num_draft_tokens + 1))
+
+
+def test_an_always_wrong_drafter_is_never_accepted_and_matches(pair):
+    model, processor, drafter, plain = pair
+    wrong = ScriptedDrafter(drafter, PROMPT + plain, wrong=True)
+    tokens, from_draft, statistics = speculative_tokens(model, processor, wrong, num_draft_tokens=3)
+    assert tokens == plain
+    assert statistics.accepted == 0 and not any(from_draft)
+    assert statistics.target_passes == GENERATED - 1
+
+
+def test_generation_stops_exactly_at_max_tokens_inside_an_accepted_run(pair):
+    model, processor, drafter, plain = pair
+    oracle = ScriptedDrafter(drafter, PROMPT + plain)
+    for max_tokens in (1, 2, 9, 10):
+        tokens, _, _ = speculative_tokens(model, processor, oracle, num_draft_tokens=6, max_tokens=max_tokens)
+        assert tokens == plain[:max_tokens]
+
+
+def test_generation_stops_at_a_stop_token_inside_an_accepted_run(pair):
+    model, processor, drafter, plain = pair
+    oracle = ScriptedDrafter(drafter, PROMPT + plain)
+    stop = plain[9]
+    processor.stop_token_ids = {stop}
+    try:
+        tokens, from_draft, _ = speculative_tokens(model, processor, oracle, num_draft_tokens=6)
+    finally:
+        processor.stop_token_ids = set()
+    assert tokens == plain[: plain.index(stop) + 1]
+    assert from_draft[-1]
+
+
+def test_greedy_speculative_output_is_unchanged_by_prefill_chunks(pair):
+    model, processor, drafter, plain = pair
+    tokens, _, _ = speculative_tokens(model, processor, drafter, num_draft_tokens=3, prefill_step_size=3)
+    assert tokens == plain
+
+
+def test_an_assistant_for_another_target_width_or_vocabulary_is_refused(pair, tmp_path):
+    model, processor, _, _ = pair
+    for name, options in (("width", dict(backbone=40)), ("vocabulary", dict(vocab_size=300))):
+        folder = tmp_path / name
+        save_reference_assistant(folder, **options)
+        with pytest.raises(Gemma4Error, match=name if name == "vocabulary" else "hidden size"):
+            list(stream_generate(model, processor, PROMPT, draft_model=load_drafter(folder), max_tokens=4))
+
+
+# Sampling: the first two tokens of each run (the first from the prefill, the second from the rejection rule), on top-3 filtered
+# distributions sharpened by a low temperature, so 9 outcomes. The exact target distribution is computed directly.
+# The drafter double proposes from a fixed distribution over the target's candidate second tokens that differs from
+# the target's, so drafts are accepted in some runs and rejected in others.
+SAMPLING = dict(temp=0.5, top_k=3)
+RUNS = 500
+# Total variation between the empirical and the exact distribution over 9 outcomes: about 0.05 expected at 500 runs;
+# 0.12 is past 4 standard deviations. Accepting drafts blindly lands far beyond it (asserted below).
+TV_BOUND = 0.12
+
+
+class FixedDistributionDrafter:
+    def __init__(self, logits: mx.array):
+        self.logits = logits
+
+    def __call__(self, token_embedding, target_hidden, target_kv, position):
+        return self.logits, target_hidden
+
+
+def exact_two_token_distribution(model, filter_logits) -> dict:
+    first = mx.exp(filter_logits(model(mx.array([PROMPT]))[0, -1]))
+    distribution = {}
+    for token in np.nonzero(np.array(first) > 0)[0].tolist():
+        second = mx.exp(filter_logits(model(mx.array([PROMPT + [token]]))[0, -1]))
+        for next_token in np.nonzero(np.array(second) > 0)[0].tolist():
+            distribution[(token, next_token)] = float(first[token]) * float(second[next_token])
+    return distribution
+
+
+def total_variation(counts: dict, exact: dict) -> float:
+    total = sum(counts.values())
+    keys = set(counts) | set(exact)
+    return 0.5 * sum(abs(counts.get(k, 0) / total - exact.get(k, 0.0)) for k in keys)
+
+
+def test_speculative_sampling_follows_the_targets_filtered_distribution(pair):
+    model, _, _, _ = pair
+    filter_logits = make_filter(SAMPLING["temp"], 0.0, SAMPLING["top_k"], 0.0)
+    exact = exact_two_token_distribution(model, filter_logits)
+    vocab = model.config.text_config.vocab_size
+    candidates = sorted({second for _, second in exact})
+    rng = np.random.default_rng(1)
+    logits = np.full((1, 1, vocab), -30.0, dtype=np.float32)
+    logits[..., candidates] = rng.standard_normal(len(candidates))
+    drafter = FixedDistributionDrafter(mx.array(logits))
+
+    mx.random.seed(0)
+    counts, accepted = {}, 0
+    for _ in range(RUNS):
+        # Three tokens, so that the round after the prefill may draft one (a round never drafts past max_tokens).
+        steps = list(speculative_generate_step(mx.array(PROMPT), model, drafter, max_tokens=3, num_draft_tokens=1,
+                                               **SAMPLING))
+        tokens = tuple(step[0] for step in steps[:2])
+        counts[tokens] = counts.get(tokens, 0) + 1
+        accepted += steps[1][2]
+    assert total_variation(counts, exact) < TV_BOUND
+    assert 0.1 * RUNS < accepted < 0.9 * RUNS
+
+    # The test has teeth: taking the drafter's proposals as they come would be far from the target's distribution.
+    draft = mx.exp(filter_logits(drafter.logits[0, -1]))
+    first = {token for token, _ in exact}
+    first_probability = {token: sum(p for (t, _), p in exact.items() if t == token) for token in first}
+    blind = {(t, s): first_probability[t] * float(draft[s]) for t in first for s in candidates if float(draft[s]) > 0}
+    assert total_variation({k: v * RUNS for k, v in blind.items()}, exact) > 2 * TV_BOUND
+
+
+def test_sliding_window_cache_hands_out_the_window_after_appends_compactions_and_trims():
+    window, retained = 4, 7
+    cache = SlidingWindowCache(window, retained)
+    cache.step = 2
+    positions = []  # the position each held key was written for
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        length = int(rng.integers(1, 6))
+        new = [len(positions) + i for i in range(length)]
+        positions += new
+        keys = mx.array(new, dtype=mx.float32).reshape(1, 1, length, 1)
+        got, _ = cache.update_and_fetch(keys, keys)
+        assert np.array(got).ravel().tolist() == positions[-(window - 1 + length):]
+        rejected = int(rng.integers(0, length))
+        cache.trim(rejected)
+        del positions[len(positions) - rejected:]
+        held, _ = cache.keys_and_values()
+        assert np.array(held).ravel().tolist()[-(window + 1):] == positions[-(window + 1):]
+        assert cache.offset == len(positions)
