@@ -157,3 +157,16 @@ def expand_placeholders(text: str, placeholders: dict, replacements: dict) -> st
     kinds = {placeholder: kind for kind, placeholder in placeholders.items()}
     queues = {kind: iter(items) for kind, items in replacements.items()}
     return re.sub(pattern, lambda match: next(queues[kinds[match.group(0)]]), text)
+
+
+def media_prompt(model, processor, prompt, images=None, audio=None, video=None) -> tuple:
+    """(token ids, generate_step's media arguments) for a text prompt holding one placeholder per image, audio
+    clip and video. The embeddings are built for the whole prompt at once; chunked prefill then walks them, never
+    cutting a vision block (generation.prefill_chunks)."""
+    if not isinstance(prompt, str):
+        raise Gemma4Error("a prompt with images, audio or video must be text with a placeholder for each")
+    inputs = processor(prompt, images=images, audio=audio, videos=None if video is None else [video])
+    input_ids = inputs.pop("input_ids")
+    block_ids = block_ids_for(model.config, inputs.pop("mm_token_type_ids", None))
+    embeddings = model.embed_inputs(input_ids, **inputs)
+    return input_ids[0].tolist(), {"input_embeddings": embeddings, "block_ids": block_ids}
