@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="local folder or Hugging Face repo id")
     parser.add_argument("--prompt", "-p", required=True, help="the message to the model, or - to read stdin")
     parser.add_argument("--system-prompt", default=None, help="system message for the chat template")
+    parser.add_argument("--image", action="append", default=[], help="image file (PNG, JPEG, WebP, GIF); repeatable")
+    parser.add_argument("--audio", action="append", default=[], help="audio file (WAV, FLAC, OGG); repeatable")
+    parser.add_argument("--video", default=None, help="video file (needs PyAV: pip install av)")
     parser.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS, help="most tokens to generate")
     parser.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (0 or 1 keep all)")
@@ -42,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help='JSON options for the chat template, e.g. \'{"enable_thinking": true}\'')
     parser.add_argument("--prefill-step-size", type=int, default=DEFAULT_PREFILL_STEP_SIZE,
                         help="prompt tokens processed per step")
+    parser.add_argument("--draft-model", default=None,
+                        help="Gemma 4 assistant (folder or Hub id) for speculative decoding")
+    parser.add_argument("--num-draft-tokens", type=int, default=None,
+                        help="draft tokens per target pass (default: adapt to the acceptance rate)")
     parser.add_argument("--verbose", type=str2bool, nargs="?", const=True, default=True,
                         help="print statistics to stderr (true) or only the response (false)")
     return parser
@@ -53,6 +60,8 @@ def check_arguments(args) -> dict:
         raise Gemma4Error("--max-tokens must be at least 1")
     if args.prefill_step_size < 1:
         raise Gemma4Error("--prefill-step-size must be at least 1")
+    if args.num_draft_tokens is not None and args.draft_model is None:
+        raise Gemma4Error("--num-draft-tokens needs --draft-model")
     if args.temp < 0:
         raise Gemma4Error("--temp must be 0 or more")
     if not 0 <= args.top_p <= 1:
@@ -79,20 +88,33 @@ def run(args) -> None:
     template_options = check_arguments(args)
     user_text = sys.stdin.read() if args.prompt == "-" else args.prompt
     model, processor = load(args.model)
+    draft_model, draft_statistics = None, None
+    if args.draft_model is not None:
+        from .drafter import check_compatible, load_drafter
+        from .speculative import DraftLength, DraftStatistics
+
+        DraftLength(args.num_draft_tokens)
+        draft_model, draft_statistics = load_drafter(args.draft_model), DraftStatistics()
+        check_compatible(draft_model, model)
     if args.ignore_chat_template:
         prompt = user_text
     else:
-        prompt = processor.chat_prompt(user_text, args.system_prompt, **template_options)
+        prompt = processor.chat_prompt(user_text, args.system_prompt, images=len(args.image), audio=len(args.audio),
+                                       videos=int(args.video is not None), **template_options)
     response = None
     for response in stream_generate(
         model, processor, prompt, max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p,
         top_k=args.top_k, min_p=args.min_p, seed=args.seed, prefill_step_size=args.prefill_step_size,
+        draft_model=draft_model, num_draft_tokens=args.num_draft_tokens, draft_statistics=draft_statistics,
+        images=args.image, audio=args.audio, video=args.video,
     ):
         sys.stdout.write(response.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
     if args.verbose and response is not None:
         print_statistics(response)
+        if draft_statistics is not None:
+            print_draft_statistics(draft_statistics)
 
 
 def print_statistics(response) -> None:
@@ -102,6 +124,12 @@ def print_statistics(response) -> None:
           file=sys.stderr)
     print(f"Time to first token: {response.time_to_first_token:.3f} s", file=sys.stderr)
     print(f"Peak memory: {response.peak_memory:.3f} GB", file=sys.stderr)
+
+
+def print_draft_statistics(statistics) -> None:
+    print(f"Draft: {statistics.accepted}/{statistics.drafted} draft tokens accepted "
+          f"({100 * statistics.acceptance_rate:.1f}%), {statistics.accepted_per_pass:.2f} accepted per target pass "
+          f"({statistics.tokens_per_pass:.2f} tokens per pass)", file=sys.stderr)
 
 
 def main(argv=None) -> int:

@@ -134,14 +134,27 @@ def stream_generate(
     draft_model=None,
     num_draft_tokens: Optional[int] = None,
     draft_statistics=None,
+    images: Optional[list] = None,
+    audio: Optional[list] = None,
+    video=None,
 ) -> Iterator[GenerationResponse]:
     """Streams the reply to `prompt` (text, already chat-formatted if wanted, or token ids) as GenerationResponses.
+    `images`, `audio` (lists of paths, bytes, PIL images or arrays) and `video` (a path) fill the prompt's
+    placeholders, one each, as Processor.__call__ expands them.
 
     With `draft_model` (a drafter.Drafter) decoding is speculative (speculative.py): `num_draft_tokens` fixes the draft
     length (None adapts it), `draft_statistics` (a speculative.DraftStatistics) collects acceptance figures."""
     if max_tokens < 1 or prefill_step_size < 1:
         raise Gemma4Error("max_tokens and prefill_step_size must be at least 1")
-    ids = prompt_ids(processor, prompt)
+    media = {}
+    if images or audio or video is not None:
+        from .multimodal import media_prompt
+
+        if draft_model is not None:
+            raise Gemma4Error("speculative decoding does not take images, audio or video yet")
+        ids, media = media_prompt(model, processor, prompt, images, audio, video)
+    else:
+        ids = prompt_ids(processor, prompt)
     past = prompt_cache[0].offset if prompt_cache else 0
     limit = context_length(model)
     if past + len(ids) >= limit:
@@ -160,7 +173,7 @@ def stream_generate(
     else:
         sampler = sampler or make_sampler(temp, top_p=top_p, min_p=min_p, top_k=top_k)
         tokens = generate_step(mx.array(ids), model, max_tokens=max_tokens, sampler=sampler,
-                               prefill_step_size=prefill_step_size, prompt_cache=prompt_cache)
+                               prefill_step_size=prefill_step_size, prompt_cache=prompt_cache, **media)
     with wired_limit(model, [generation_stream]):
         yield from stream_responses(tokens, processor, len(ids), max_tokens)
 
