@@ -188,6 +188,10 @@ class DraftStatistics:
         return self.accepted / self.drafted if self.drafted else 0.0
 
     @property
+    def accepted_per_pass(self) -> float:
+        return self.accepted / self.target_passes if self.target_passes else 0.0
+
+    @property
     def tokens_per_pass(self) -> float:
         return self.emitted / self.target_passes if self.target_passes else 0.0
 
