@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="local folder or Hugging Face repo id")
     parser.add_argument("--prompt", "-p", required=True, help="the message to the model, or - to read stdin")
     parser.add_argument("--system-prompt", default=None, help="system message for the chat template")
+    parser.add_argument("--image", action="append", default=[], help="image file (PNG, JPEG, WebP, GIF); repeatable")
+    parser.add_argument("--audio", action="append", default=[], help="audio file (WAV, FLAC, OGG); repeatable")
+    parser.add_argument("--video", default=None, help="video file (needs PyAV: pip install av)")
     parser.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS, help="most tokens to generate")
     parser.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (0 or 1 keep all)")
@@ -96,12 +99,14 @@ def run(args) -> None:
     if args.ignore_chat_template:
         prompt = user_text
     else:
-        prompt = processor.chat_prompt(user_text, args.system_prompt, **template_options)
+        prompt = processor.chat_prompt(user_text, args.system_prompt, images=len(args.image), audio=len(args.audio),
+                                       videos=int(args.video is not None), **template_options)
     response = None
     for response in stream_generate(
         model, processor, prompt, max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p,
         top_k=args.top_k, min_p=args.min_p, seed=args.seed, prefill_step_size=args.prefill_step_size,
         draft_model=draft_model, num_draft_tokens=args.num_draft_tokens, draft_statistics=draft_statistics,
+        images=args.image, audio=args.audio, video=args.video,
     ):
         sys.stdout.write(response.text)
         sys.stdout.flush()
