@@ -1,0 +1,257 @@
+"""Benchmark mlx_gemma4 against mlx-lm and mlx-vlm on the same weights: tok/s, time to first token, memory.
+
+    python bench/bench.py --random tiny --bits 32 --prompt-tokens 64 --gen-tokens 32 --peers mlx-lm,mlx-vlm
+    python bench/bench.py --random 12b --bits 4 --prompt-tokens 512 --peers mlx-lm,mlx-vlm,mlx-vlm-lm \
+        --cost-model --random-draft --long-context 32768,131072 --json h100.json
+
+Each configuration is run once to compile its shapes, then --repeat times; the table shows medians with the
+(min-max) spread. Peers load the folder our weights were written to (a temporary one for --random).
+"""
+
+import argparse
+import gc
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import mlx.core as mx  # noqa: E402
+
+from measure import environment, log, measure, random_prompt  # noqa: E402
+from mlx_gemma4.errors import Gemma4Error  # noqa: E402
+from peers import PEERS, load_peers, ours, peer_installed  # noqa: E402
+from report import markdown, write_json  # noqa: E402
+from roofline import machine_bandwidth, roofline_fraction  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="model folder or Hub id")
+    source.add_argument("--random", metavar="SHAPE", help="random weights of a named shape: tiny, small, medium, 12b")
+    parser.add_argument("--bits", type=int, default=4, help="--random precision: 4, 8, 16 (bfloat16), 32 (float32)")
+    parser.add_argument("--prompt-tokens", default="512", help="comma list of prompt lengths")
+    parser.add_argument("--prompt-file", help="text whose tokens make the prompts (needs --model); else random ids")
+    parser.add_argument("--gen-tokens", type=int, default=128)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--peers", default="", help="comma list of mlx-lm, mlx-vlm, mlx-vlm-lm")
+    parser.add_argument("--image", type=int, default=0, metavar="SOFT_TOKENS", help="synthetic image prompt size")
+    parser.add_argument("--audio", type=float, default=0.0, metavar="SECONDS", help="synthetic audio prompt length")
+    parser.add_argument("--draft-model", help="assistant folder or Hub id for MTP")
+    parser.add_argument("--random-draft", action="store_true", help="a random assistant that fits the model")
+    parser.add_argument("--num-draft-tokens", default="adaptive", help="comma list of K values and/or 'adaptive'")
+    parser.add_argument("--cost-model", action="store_true", help="relative cost of target passes and draft steps")
+    parser.add_argument("--long-context", default="", help="comma list of prefill depths, e.g. 32768,131072")
+    parser.add_argument("--long-context-gen-tokens", type=int, default=32)
+    parser.add_argument("--time-budget", type=float, default=0.0, help="seconds; later long-context runs skip")
+    parser.add_argument("--bandwidth", type=float, help="memory bandwidth in GB/s (overrides the chip table)")
+    parser.add_argument("--json", help="write all results here")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def int_list(text: str) -> list:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise Gemma4Error(f"expected a comma list of integers, got {text!r}") from None
+
+
+def peer_names(text: str) -> list:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in PEERS]
+    if unknown:
+        raise Gemma4Error(f"unknown peer {unknown[0]!r}; choose from {', '.join(PEERS)}")
+    return names
+
+
+def draft_lengths(text: str) -> list:
+    return [None if part.strip() == "adaptive" else int(part) for part in text.split(",") if part.strip()]
+
+
+class Bench:
+    """Runs the configurations for one runtime after another and keeps every result in `results`."""
+
+    def __init__(self, args, results: dict, machine: dict, weight_bytes: int):
+        self.args, self.results, self.machine, self.weight_bytes = args, results, machine, weight_bytes
+        self.started = time.perf_counter()
+
+    def save(self):
+        if self.args.json:
+            write_json(self.results, Path(self.args.json))
+
+    def row(self, runtime, config: str, figures: dict) -> dict:
+        row = {"config": config, "runtime": runtime.name, **figures}
+        row["roofline_fraction"] = roofline_fraction(self.weight_bytes, row.get("decode_tps"),
+                                                     self.machine["bandwidth_gbps"])
+        return row
+
+    def generation(self, runtime, prompts: dict):
+        for length, prompt in prompts.items():
+            log(f"{runtime.name}: prompt {length}, {self.args.gen_tokens} new tokens")
+            figures = measure(runtime, prompt, self.args.gen_tokens, self.args.repeat)
+            self.results["generation"].append(self.row(runtime, f"prompt {length}", figures))
+            self.save()
+
+    def long_context(self, runtime, vocab_size: int):
+        for depth in int_list(self.args.long_context):
+            entry = {"depth": depth, "runtime": runtime.name}
+            elapsed = time.perf_counter() - self.started
+            if self.args.time_budget and elapsed > self.args.time_budget:
+                entry["skipped"] = f"time budget ({elapsed:.0f} s spent)"
+            else:
+                log(f"{runtime.name}: long context {depth}")
+                prompt = random_prompt(depth, vocab_size, self.args.seed + depth)
+                try:
+                    entry.update(measure(runtime, prompt, self.args.long_context_gen_tokens, 1, warm_up=False))
+                except (RuntimeError, ValueError, MemoryError) as error:
+                    entry["skipped"] = f"failed: {str(error).splitlines()[0][:120]}"
+            self.results["long_context"].append(entry)
+            self.save()
+
+
+def load_target(args):
+    """(model, folder the peers can load or None, config dict or None, tokenizer or None)."""
+    if args.random:
+        from random_model import build_random_model
+
+        model, config = build_random_model(args.random, args.bits, args.seed)
+        return model, None, config, None
+    from mlx_gemma4.loading import load, resolve_model_path
+
+    model, processor = load(args.model)
+    return model, resolve_model_path(args.model), None, processor
+
+
+def make_prompts(args, model, processor) -> dict:
+    vocab = model.config.text_config.vocab_size
+    lengths = int_list(args.prompt_tokens)
+    if not args.prompt_file:
+        return {n: random_prompt(n, vocab, args.seed + n) for n in lengths}
+    if processor is None:
+        raise Gemma4Error("--prompt-file needs --model (a tokenizer)")
+    ids = processor.encode(Path(args.prompt_file).read_text(encoding="utf-8", errors="ignore"))
+    while len(ids) < max(lengths):
+        ids = ids + ids
+    return {n: ids[:n] for n in lengths}
+
+
+def run_ours(bench: Bench, args, model, prompts: dict, config_dict):
+    bench.generation(ours(model), prompts)
+    if args.image or args.audio:
+        from multimodal_prompt import label, media_prompt, multimodal_runtime
+
+        prompt = media_prompt(model.config, args.image, args.audio, args.seed)
+        log(f"ours: multimodal {label(prompt)}")
+        figures = measure(multimodal_runtime(model, prompt), prompt["ids"], args.gen_tokens, args.repeat)
+        bench.results["multimodal"].append(bench.row(ours(model), label(prompt), figures))
+    drafter = load_drafter(args, config_dict)
+    if drafter is not None:
+        run_mtp(bench, args, model, drafter, prompts)
+    if args.cost_model:
+        from mtp import cost_model
+
+        log("ours: MTP cost model")
+        bench.results["cost_model"] = cost_model(model, drafter, next(iter(prompts.values())))
+    bench.long_context(ours(model), model.config.text_config.vocab_size)
+    bench.save()
+
+
+def load_drafter(args, config_dict):
+    if args.draft_model:
+        from mlx_gemma4.drafter import load_drafter as load
+
+        return load(args.draft_model)
+    if args.random_draft:
+        if config_dict is None:
+            raise Gemma4Error("--random-draft needs --random (a random target to fit)")
+        from random_model import build_random_assistant
+
+        return build_random_assistant(config_dict, args.bits, args.seed + 1)
+    return None
+
+
+def run_mtp(bench: Bench, args, model, drafter, prompts: dict):
+    from mlx_gemma4.speculative import DraftStatistics
+    from mtp import speculative_runtime
+
+    plain = {row["config"]: row["decode_tps"] for row in bench.results["generation"] if row["runtime"] == "ours"}
+    draft_name = args.draft_model or "random assistant"
+    for length, prompt in prompts.items():
+        for k in draft_lengths(args.num_draft_tokens):
+            statistics = DraftStatistics()
+            runtime = speculative_runtime(model, drafter, k, statistics)
+            log(f"{runtime.name}: prompt {length}")
+            figures = measure(runtime, prompt, args.gen_tokens, args.repeat)
+            config = f"prompt {length}"
+            row = bench.row(runtime, config, figures)
+            row.update(draft=f"{draft_name}, {'adaptive K' if k is None else f'K={k}'}",
+                       acceptance_rate=statistics.acceptance_rate, tokens_per_target_pass=statistics.tokens_per_pass,
+                       plain_decode_tps=plain.get(config), speedup=row["decode_tps"] / plain[config])
+            bench.results["mtp"].append(row)
+            bench.save()
+
+
+def run_peers(bench: Bench, args, folder: Path, prompts: dict, vocab_size: int):
+    names = [name for name in peer_names(args.peers) if peer_installed(name)]
+    for name in sorted(set(peer_names(args.peers)) - set(names)):
+        bench.results["notes"].append(f"{name} is not installed: skipped")
+    for runtime in load_peers(names, folder):
+        bench.generation(runtime, prompts)
+        bench.long_context(runtime, vocab_size)
+        del runtime
+        gc.collect()
+        mx.clear_cache()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    machine = machine_bandwidth(args.bandwidth)
+    model, folder, config_dict, processor = load_target(args)
+    from random_model import weight_bytes_per_token
+
+    prompts = make_prompts(args, model, processor)
+    vocab_size = model.config.text_config.vocab_size
+    results = {
+        "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0]] + (argv or sys.argv[1:])),
+        "model": args.model or f"random {args.random}", "precision": precision(args, model),
+        "machine": machine, "environment": environment(), "weight_bytes_per_token": weight_bytes_per_token(model),
+        "gen_tokens": args.gen_tokens, "notes": [], "generation": [], "multimodal": [], "mtp": [],
+        "cost_model": None, "long_context": [],
+    }
+    bench = Bench(args, results, machine, results["weight_bytes_per_token"])
+    with tempfile.TemporaryDirectory(prefix="gemma4-bench-") as scratch:
+        if args.peers and folder is None:
+            from random_model import save_converted
+
+            folder = Path(scratch) / "weights"
+            log(f"writing the random weights for the peers to {folder}")
+            save_converted(model, config_dict, folder)
+        run_ours(bench, args, model, prompts, config_dict)
+        del model
+        gc.collect()
+        mx.clear_cache()
+        if args.peers:
+            run_peers(bench, args, folder, prompts, vocab_size)
+    bench.save()
+    print(markdown(results))
+
+
+def precision(args, model) -> str:
+    quantization = model.config.quantization
+    if quantization:
+        return f"{quantization['bits']}-bit, group {quantization['group_size']}"
+    if args.random:
+        return {16: "bfloat16", 32: "float32"}[args.bits]
+    return str(model.language_model.model.norm.weight.dtype).replace("mlx.core.", "")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except Gemma4Error as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)

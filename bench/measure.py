@@ -1,0 +1,94 @@
+"""Timing one runtime on one configuration: a warm-up that compiles every shape, then repeats, summarised.
+
+Every runtime is timed by the same clock around its own generator: time to first token covers the prefill and the
+first sample; decode speed is (tokens - 1) over the time from the first token to the last. Generators hand out
+`int` tokens, so each step is finished when it is counted.
+"""
+
+import gc
+import os
+import resource
+import statistics
+import sys
+import time
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+
+def process_rss_bytes() -> int:
+    """Resident memory now (Linux), else the process's peak (macOS reports ru_maxrss in bytes, Linux in KiB)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def cache_bytes(cache: list) -> int:
+    """Bytes of the live keys and values (what the cache state holds), the same measure for every runtime."""
+    return sum(array.nbytes for layer in cache for _, array in tree_flatten(layer.state) if isinstance(array, mx.array))
+
+
+def one_run(runtime, prompt: list, gen_tokens: int) -> dict:
+    gc.collect()
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    cache = runtime.make_cache()
+    start = time.perf_counter()
+    count, first = 0, None
+    for _ in runtime.steps(prompt, gen_tokens, cache):
+        count += 1
+        if count == 1:
+            first = time.perf_counter()
+    end = time.perf_counter()
+    mx.synchronize()
+    ttft = first - start
+    return {
+        "time_to_first_token_s": ttft,
+        "prefill_tps": len(prompt) / ttft,
+        "decode_tps": (count - 1) / (end - first) if count > 1 else 0.0,
+        "generated_tokens": count,
+        "peak_memory_bytes": mx.get_peak_memory(),
+        "process_rss_bytes": process_rss_bytes(),
+        "kv_cache_bytes": cache_bytes(cache),
+    }
+
+
+def summarise(runs: list) -> dict:
+    """Median of each figure, with the spread (min and max) of the speeds and TTFT."""
+    summary = {}
+    for key in runs[0]:
+        values = [run[key] for run in runs]
+        summary[key] = statistics.median(values)
+        if key in ("time_to_first_token_s", "prefill_tps", "decode_tps"):
+            summary[key + "_min"], summary[key + "_max"] = min(values), max(values)
+    summary["peak_memory_bytes"] = max(run["peak_memory_bytes"] for run in runs)
+    summary["repeats"] = len(runs)
+    return summary
+
+
+def measure(runtime, prompt: list, gen_tokens: int, repeat: int, warm_up: bool = True) -> dict:
+    if warm_up:
+        one_run(runtime, prompt, gen_tokens)
+    return summarise([one_run(runtime, prompt, gen_tokens) for _ in range(repeat)])
+
+
+def random_prompt(length: int, vocab_size: int, seed: int) -> list:
+    """Token ids away from the special ones at either end of the vocabulary; the same for every runtime."""
+    generator = mx.random.key(seed)
+    low, high = min(16, vocab_size // 4), max(vocab_size - 16, vocab_size * 3 // 4)
+    return mx.random.randint(low, high, (length,), key=generator).tolist()
+
+
+def log(message: str):
+    print(message, file=sys.stderr, flush=True)
+
+
+def environment() -> dict:
+    return {"mlx": mx.__version__, "device": str(mx.default_device()), "python": sys.version.split()[0],
+            "platform": sys.platform, "cpu_count": os.cpu_count()}

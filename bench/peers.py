@@ -1,0 +1,108 @@
+"""The runtimes a benchmark compares, each behind one small interface: ours, mlx-lm's and mlx-vlm's Gemma 4 paths.
+
+The peers load the very folder our random (or real) weights were written to, with their own loaders, and each is
+timed through its own fastest generation loop (all three queue the next step with `mx.async_eval`):
+- `mlx-lm`: mlx_lm.utils.load_model + mlx_lm.generate.generate_step;
+- `mlx-vlm`: mlx_vlm.utils.load_model + mlx_vlm's own generate_step (mlx_vlm.generate.ar);
+- `mlx-vlm-lm`: mlx-vlm's language model driven by mlx-lm's generate_step, the fastest mlx-vlm path we know.
+"""
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import mlx.core as mx
+
+PREFILL_STEP_SIZE = 2048
+PEERS = ("mlx-lm", "mlx-vlm", "mlx-vlm-lm")
+PEER_PACKAGES = {"mlx-lm": "mlx_lm", "mlx-vlm": "mlx_vlm", "mlx-vlm-lm": "mlx_vlm"}
+
+
+@dataclass
+class Runtime:
+    name: str
+    model: object
+    # steps(prompt ids, max_tokens, cache) -> iterator whose items start with the token id
+    steps: Callable[[list, int, list], Iterator]
+    make_cache: Callable[[], list]
+
+
+def ours(model) -> Runtime:
+    from mlx_gemma4.generation import generate_step
+
+    def steps(prompt: list, max_tokens: int, cache: list):
+        return generate_step(mx.array(prompt), model, max_tokens=max_tokens, prompt_cache=cache,
+                             prefill_step_size=PREFILL_STEP_SIZE)
+
+    return Runtime("ours", model, steps, model.make_cache)
+
+
+def peer_installed(name: str) -> bool:
+    return importlib.util.find_spec(PEER_PACKAGES[name]) is not None
+
+
+def load_peers(names: list, folder: Path) -> Iterator[Runtime]:
+    """One runtime at a time (the caller drops each before the next loads); mlx-vlm's two paths share one load."""
+    folder = Path(folder)
+    if "mlx-lm" in names:
+        yield mlx_lm_runtime(folder)
+    if "mlx-vlm" in names or "mlx-vlm-lm" in names:
+        from mlx_vlm.utils import load_model
+
+        model = load_model(folder)
+        if "mlx-vlm" in names:
+            yield mlx_vlm_runtime(model)
+        if "mlx-vlm-lm" in names:
+            yield mlx_vlm_language_runtime(model)
+
+
+def mlx_lm_runtime(folder: Path) -> Runtime:
+    from mlx_lm.generate import generate_step
+    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_lm.utils import load_model
+
+    model, _ = load_model(folder)
+
+    def steps(prompt: list, max_tokens: int, cache: list):
+        return generate_step(mx.array(prompt), model, max_tokens=max_tokens, prompt_cache=cache,
+                             prefill_step_size=PREFILL_STEP_SIZE)
+
+    return Runtime("mlx-lm", model, steps, lambda: make_prompt_cache(model))
+
+
+def mlx_vlm_runtime(model) -> Runtime:
+    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_vlm.generate.ar import generate_step
+
+    def steps(prompt: list, max_tokens: int, cache: list):
+        return generate_step(mx.array(prompt)[None], model, None, None, max_tokens=max_tokens, temperature=0.0,
+                             prompt_cache=cache, prefill_step_size=PREFILL_STEP_SIZE)
+
+    return Runtime("mlx-vlm", model, steps, lambda: make_prompt_cache(model.language_model))
+
+
+class LogitsOnly:
+    """mlx-vlm's language model returns an output object; mlx-lm's loop wants the logits array."""
+
+    def __init__(self, language_model):
+        self.language_model = language_model
+        self.layers = language_model.model.layers
+
+    def __call__(self, inputs, cache=None, **kwargs):
+        return self.language_model(inputs, cache=cache, **kwargs).logits
+
+    def make_cache(self):
+        return self.language_model.make_cache()
+
+
+def mlx_vlm_language_runtime(model) -> Runtime:
+    from mlx_lm.generate import generate_step
+
+    language = LogitsOnly(model.language_model)
+
+    def steps(prompt: list, max_tokens: int, cache: list):
+        return generate_step(mx.array(prompt), language, max_tokens=max_tokens, prompt_cache=cache,
+                             prefill_step_size=PREFILL_STEP_SIZE)
+
+    return Runtime("mlx-vlm-lm", model, steps, language.make_cache)
