@@ -150,8 +150,6 @@ def stream_generate(
     if images or audio or video is not None:
         from .multimodal import media_prompt
 
-        if draft_model is not None:
-            raise Gemma4Error("speculative decoding does not take images, audio or video yet")
         ids, media = media_prompt(model, processor, prompt, images, audio, video)
     else:
         ids = prompt_ids(processor, prompt)
@@ -168,7 +166,7 @@ def stream_generate(
         tokens = speculative_steps(
             mx.array(ids), model, draft_model, max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k,
             min_p=min_p, sampler=sampler, num_draft_tokens=num_draft_tokens, prefill_step_size=prefill_step_size,
-            prompt_cache=prompt_cache, statistics=draft_statistics,
+            prompt_cache=prompt_cache, statistics=draft_statistics, **media,
         )
     else:
         sampler = sampler or make_sampler(temp, top_p=top_p, min_p=min_p, top_k=top_k)
