@@ -13,6 +13,7 @@ from mlx_gemma4.loading import load
 from mlx_gemma4.speculative import (
     DraftStatistics, SlidingWindowCache, make_filter, speculative_generate_step,
 )
+from multimodal_fixtures import DATA
 from reference_models import save_reference_checkpoint
 from speculative_fixtures import save_reference_assistant
 
@@ -131,6 +132,31 @@ def test_an_assistant_for_another_target_width_or_vocabulary_is_refused(pair, tm
         save_reference_assistant(folder, **options)
         with pytest.raises(Gemma4Error, match=name if name == "vocabulary" else "hidden size"):
             list(stream_generate(model, processor, PROMPT, draft_model=load_drafter(folder), max_tokens=4))
+
+
+@pytest.fixture(scope="module")
+def vision_pair(tmp_path_factory):
+    target_folder = tmp_path_factory.mktemp("vision_target")
+    save_reference_checkpoint(target_folder, dict(sliding_window=SLIDING_WINDOW), audio=False, seed=9)
+    assistant_folder = tmp_path_factory.mktemp("vision_assistant")
+    save_reference_assistant(assistant_folder, seed=10, sliding_window=SLIDING_WINDOW)
+    model, processor = load(target_folder)
+    processor.stop_token_ids = set()
+    return model, processor, load_drafter(assistant_folder)
+
+
+def test_greedy_speculative_output_equals_plain_greedy_with_an_image_in_the_prompt(vision_pair):
+    model, processor, drafter = vision_pair
+    prompt = processor.chat_prompt("Describe it.", images=1)
+    options = dict(images=[DATA / "tiny.png"], max_tokens=16, prefill_step_size=8)
+    plain = [r.token for r in stream_generate(model, processor, prompt, **options)]
+    for candidate in (drafter, ScriptedDrafter(drafter, processor(prompt, images=options["images"])["input_ids"][0]
+                                               .tolist() + plain)):
+        statistics = DraftStatistics()
+        tokens = [r.token for r in stream_generate(model, processor, prompt, draft_model=candidate,
+                                                   num_draft_tokens=3, draft_statistics=statistics, **options)]
+        assert tokens == plain
+    assert statistics.accepted == statistics.drafted > 0
 
 
 # Sampling: the first two tokens of each run (the first from the prefill, the second from the rejection rule), on top-3 filtered
