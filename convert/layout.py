@@ -41,10 +41,14 @@ def unified_layout(checkpoint: Checkpoint) -> Layout:
     source_names = model.sanitize({name: name for name in checkpoint.tensors})
     expected = {name: array.shape for name, array in tree_flatten(model.parameters())}
     check_shapes(checkpoint, source_names, expected)
+    return model_layout(model, source_names)
+
+
+def model_layout(model: Model, source_names: dict) -> Layout:
     quantizable = {
         path: module.weight.shape for path, module in model.named_modules() if hasattr(module, "to_quantized")
     }
-    text = config.text_config
+    text = model.config.text_config
     full = {i for i, kind in enumerate(text.layer_types) if kind == FULL}
     return Layout(source_names, quantizable, text.num_hidden_layers, full)
 

@@ -13,7 +13,7 @@ from typing import Optional
 
 import mlx.core as mx
 
-from mlx_gemma4.config import FULL
+from mlx_gemma4.config import FULL, TextConfig
 from mlx_gemma4.errors import Gemma4Error
 from mlx_gemma4.loading import DTYPES, resolve_model_path
 
@@ -63,9 +63,13 @@ def add_peer_config_keys(text_config: dict):
     transformers 5.23 saves full-attention head sizes only as `per_layer_config`; the peers read `global_head_dim`
     and `num_global_key_value_heads`. Where the overrides are the same on every full layer, those keys are written
     too (transformers and mlx-gemma4 let `per_layer_config` win). mlx-lm's Gemma 4 text model assumes per-layer
-    input embeddings (the E2B/E4B models) unless `hidden_size_per_layer_input` is 0; the unified model has none.
+    input embeddings and KV sharing (the E2B/E4B models) unless told otherwise; where the unified config leaves
+    them out they are 0, as transformers reads them.
     """
     text_config.setdefault("hidden_size_per_layer_input", 0)
+    text_config.setdefault("num_kv_shared_layers", 0)
+    # Peers default to other layer patterns; spell out the one mlx-gemma4 and transformers derive.
+    text_config.setdefault("layer_types", TextConfig.from_dict(text_config).layer_types)
     overrides = text_config.get("per_layer_config")
     full = [str(i) for i, kind in enumerate(text_config.get("layer_types") or []) if kind == FULL]
     if not overrides or sorted(overrides, key=int) != full:

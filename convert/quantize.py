@@ -57,7 +57,9 @@ class QuantizationSettings:
 
 def plan_quantization(layout: Layout, settings: QuantizationSettings) -> dict:
     """module path -> {"group_size", "bits", "mode"} for every layer to quantize."""
-    recipe = RECIPES[settings.recipe].build(layout, settings.group_size) if settings.recipe else None
+    recipe = None
+    if settings.recipe:
+        recipe = RECIPES[settings.recipe].build(layout.full_attention_layers, layout.num_layers, settings.group_size)
     plan = {}
     for path, shape in sorted(layout.quantizable.items()):
         if shape[-1] % settings.group_size:

@@ -1,3 +1,47 @@
-"""Mixed-precision recipes: which layers keep more bits (placeholder, filled from measurements)."""
+"""Mixed-precision recipes: which layers keep more bits than the rest.
 
-RECIPES = {}
+A recipe's `build(full_attention_layers, num_layers, group_size)` returns `choose(path)`: True for the default
+bits, a {"group_size", "bits"} dict for other settings, False to leave the layer unquantized. The choices come from
+bench/quant_quality.py (KL divergence and top-1 agreement against the unquantized model), see RECIPE_NOTES.
+"""
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+HIGH_BITS = 8
+LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def layer_index(path: str) -> Optional[int]:
+    match = LAYER_INDEX.search(path)
+    return int(match.group(1)) if match else None
+
+
+@dataclass
+class Recipe:
+    summary: str
+    build: Callable
+
+
+def attention_values_and_embeddings(full_attention_layers: set, num_layers: int, group_size: int) -> Callable:
+    """The tied embedding (it is also the output head) and every tensor that makes attention values (v_proj, and
+    k_proj on full layers where K = V) at 8 bits; the rest at the default bits."""
+    high = {"group_size": group_size, "bits": HIGH_BITS}
+
+    def choose(path: str):
+        if path.endswith(("embed_tokens", "lm_head", "self_attn.v_proj")):
+            return high
+        if path.endswith("self_attn.k_proj") and layer_index(path) in full_attention_layers:
+            return high
+        return True
+
+    return choose
+
+
+RECIPES = {
+    "mixed_4_8": Recipe(
+        "embeddings / output head and attention values at 8 bits, the rest at 4",
+        attention_values_and_embeddings,
+    ),
+}

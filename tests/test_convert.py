@@ -1,0 +1,269 @@
+"""convert/: a tiny multi-shard reference checkpoint to MLX folders that mlx-gemma4, mlx-vlm and mlx-lm all load."""
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from convert_fixtures import save_assistant_checkpoint, save_quantizable_checkpoint
+from reference_models import reference_logits
+
+from convert import qat
+from convert.convert import main
+from convert.pipeline import convert
+from mlx_gemma4.loading import load, load_model
+
+# Six tokens: within the fixture's sliding window, where mlx-vlm's sliding mask agrees with the reference's.
+PROMPT = np.array([[2, 30, 41, 52, 100, 7]])
+# Same architecture, same weights, different kernels and op order: float32 round-off only.
+PEER_TOLERANCE = 1e-5
+# 8-bit affine, group 64, on this random 7-layer model (which amplifies weight noise: 4-bit moves its logits by 0.46
+# of their standard deviation on average): measured mean |logit diff| 0.06 and max 0.54 standard deviations.
+EIGHT_BIT_MEAN_TOLERANCE = 0.1
+EIGHT_BIT_MAX_TOLERANCE = 0.75
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hf")
+    model = save_quantizable_checkpoint(folder)
+    return folder, model
+
+
+@pytest.fixture(scope="module")
+def converted(source, tmp_path_factory):
+    """bits -> converted folder, made once for the module."""
+    root = tmp_path_factory.mktemp("mlx")
+    return {bits: convert(str(source[0]), str(root / f"q{bits}"), q_bits=bits, progress=False) for bits in (4, 8)}
+
+
+def run_cli(argv, capsys) -> tuple:
+    code = main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return code, captured.err.strip().splitlines()
+
+
+def ours_logits(folder: Path) -> np.ndarray:
+    return np.array(load_model(folder)(mx.array(PROMPT)))
+
+
+def mlx_vlm_logits(folder: Path) -> np.ndarray:
+    from mlx_vlm.utils import load_model as mlx_vlm_load_model
+
+    return np.array(mlx_vlm_load_model(folder)(mx.array(PROMPT)).logits)
+
+
+def mlx_lm_logits(folder: Path) -> np.ndarray:
+    from mlx_lm.utils import load_model as mlx_lm_load_model
+
+    model, _ = mlx_lm_load_model(folder)
+    return np.array(model(mx.array(PROMPT)))
+
+
+def test_source_fixture_has_several_shards(source):
+    index = json.loads((source[0] / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+
+
+def test_output_folder_has_shards_index_config_tokenizer_template_and_card(source, converted):
+    folder = converted[4]
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    stored = {name for file in set(index["weight_map"].values()) for name in mx.load(str(folder / file))}
+    assert stored == set(index["weight_map"])
+    config = json.loads((folder / "config.json").read_text())
+    assert config["quantization"] == config["quantization_config"] == {"group_size": 64, "bits": 4, "mode": "affine"}
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        assert (folder / name).read_bytes() == (source[0] / name).read_bytes()
+    card = (folder / "README.md").read_text()
+    assert "license: apache-2.0" in card and "4-bit affine, group size 64" in card and "mlx_gemma4" in card
+
+
+def test_every_linear_and_embedding_is_quantized_at_4_bits(converted):
+    model = load_model(converted[4])
+    plain = [name for name, module in model.named_modules() if type(module) in (nn.Linear, nn.Embedding)]
+    assert plain == []
+    assert model.language_model.model.embed_tokens.bits == 4
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_mlx_gemma4_mlx_vlm_and_mlx_lm_give_the_same_logits(converted, bits):
+    ours = ours_logits(converted[bits])
+    np.testing.assert_allclose(mlx_vlm_logits(converted[bits]), ours, atol=PEER_TOLERANCE, rtol=0)
+    np.testing.assert_allclose(mlx_lm_logits(converted[bits]), ours, atol=PEER_TOLERANCE, rtol=0)
+
+
+def test_8_bit_logits_track_the_unquantized_reference(source, converted):
+    expected = reference_logits(source[1], PROMPT)
+    logits = ours_logits(converted[8])
+    difference = np.abs(logits - expected) / expected.std()
+    assert difference.mean() <= EIGHT_BIT_MEAN_TOLERANCE and difference.max() <= EIGHT_BIT_MAX_TOLERANCE
+    np.testing.assert_array_equal(logits.argmax(-1), expected.argmax(-1))
+
+
+def test_converted_folder_loads_with_its_processor(converted):
+    model, processor = load(converted[4])
+    assert processor.encode("The quick brown fox")
+
+
+def test_existing_destination_is_refused_without_force(source, tmp_path, capsys):
+    destination = tmp_path / "out"
+    destination.mkdir()
+    (destination / "keep.txt").write_text("mine")
+    code, err = run_cli(["--hf-path", source[0], "--mlx-path", destination, "-q"], capsys)
+    assert code == 1 and len(err) == 1 and "--force" in err[0]
+    assert [p.name for p in destination.iterdir()] == ["keep.txt"]
+
+
+def test_force_replaces_the_destination_whole(source, tmp_path, capsys):
+    destination = tmp_path / "out"
+    destination.mkdir()
+    (destination / "stale.txt").write_text("old")
+    code, _ = run_cli(["--hf-path", source[0], "--mlx-path", destination, "-q", "--q-bits", "8", "--force"], capsys)
+    assert code == 0
+    assert not (destination / "stale.txt").exists() and (destination / "config.json").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_interrupted_conversion_leaves_no_destination_and_no_staging(source, tmp_path, monkeypatch, capsys):
+    from convert import pipeline
+
+    written = []
+
+    def interrupt_after_first_shard(path, groups, progress=None):
+        if written:
+            raise KeyboardInterrupt
+        written.append(path)
+        return real_write_shard(path, groups, progress)
+
+    real_write_shard = pipeline.write_shard
+    monkeypatch.setattr(pipeline, "write_shard", interrupt_after_first_shard)
+    code, err = run_cli(["--hf-path", source[0], "--mlx-path", tmp_path / "out", "-q"], capsys)
+    assert code == 130 and len(err) == 1 and written
+    assert list(tmp_path.iterdir()) == []
+
+
+def copy_checkpoint(source: Path, destination: Path) -> Path:
+    destination.mkdir()
+    for file in source.iterdir():
+        (destination / file.name).write_bytes(file.read_bytes())
+    return destination
+
+
+@pytest.mark.parametrize("breakage, message", [
+    ("missing_shard", "named by model.safetensors.index.json is missing"),
+    ("shape_mismatch", "shape mismatch"),
+    ("unknown_model_type", "model_type 'llama' is not Gemma 4 unified"),
+    ("pickled_only", "pickled weights are never loaded"),
+])
+def test_input_errors_stop_with_one_line_before_writing(source, tmp_path, capsys, breakage, message):
+    broken = copy_checkpoint(source[0], tmp_path / "hf")
+    config = json.loads((broken / "config.json").read_text())
+    if breakage == "missing_shard":
+        (broken / "model-00002-of-00004.safetensors").unlink()
+    elif breakage == "shape_mismatch":
+        config["text_config"]["intermediate_size"] = 192
+    elif breakage == "unknown_model_type":
+        config["model_type"] = "llama"
+    elif breakage == "pickled_only":
+        for file in broken.glob("model*"):
+            file.unlink()
+        (broken / "pytorch_model.bin").write_bytes(b"not to be unpickled")
+    (broken / "config.json").write_text(json.dumps(config))
+    code, err = run_cli(["--hf-path", broken, "--mlx-path", tmp_path / "out", "-q"], capsys)
+    assert code == 1 and len(err) == 1 and message in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+def snap_to_q4_0_grid(source: Path, destination: Path) -> dict:
+    """A QAT-like checkpoint: every matrix of width divisible by 32 moved onto its q4_0 grid, in bfloat16."""
+    copy_checkpoint(source, destination)
+    snapped = {}
+    for file in destination.glob("*.safetensors"):
+        weights = mx.load(str(file))
+        for name, value in weights.items():
+            value = value.astype(mx.bfloat16)
+            if value.ndim == 2 and value.shape[-1] % qat.BLOCK_SIZE == 0:
+                value = qat.dequantize_q4_0(value).astype(mx.bfloat16)
+                snapped[name] = value
+            weights[name] = value
+        mx.save_safetensors(str(file), weights, metadata={"format": "pt"})
+    return snapped
+
+
+def test_qat_mode_reproduces_q4_0_grid_weights_exactly(source, tmp_path):
+    snapped = snap_to_q4_0_grid(source[0], tmp_path / "qat")
+    folder = convert(str(tmp_path / "qat"), str(tmp_path / "out"), qat=True, progress=False)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["quantization"] == {"group_size": 32, "bits": 4, "mode": "affine"}
+    stored = {}
+    for file in folder.glob("*.safetensors"):
+        stored.update(mx.load(str(file)))
+    name, weight = "model.language_model.layers.1.self_attn.q_proj.weight", None
+    weight = snapped[name]
+    path = "language_model.model.layers.1.self_attn.q_proj"
+    scales, biases = stored[f"{path}.scales"], stored[f"{path}.biases"]
+    assert mx.array_equal(biases, -8 * scales)
+    restored = mx.dequantize(stored[f"{path}.weight"], scales.astype(mx.float32), biases.astype(mx.float32), 32, 4)
+    assert mx.array_equal(restored.astype(mx.bfloat16), weight)
+
+
+def test_qat_mode_refuses_weights_off_the_grid(source, tmp_path, capsys):
+    code, err = run_cli(["--hf-path", source[0], "--mlx-path", tmp_path / "out", "--qat"], capsys)
+    assert code == 1 and len(err) == 1 and "not on the q4_0 grid" in err[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_assistant_converts_linear_and_embedding_weights_and_keeps_the_rest(tmp_path):
+    save_assistant_checkpoint(tmp_path / "hf")
+    folder = convert(str(tmp_path / "hf"), str(tmp_path / "out"), quantize=True, progress=False)
+    stored = {}
+    for file in folder.glob("*.safetensors"):
+        stored.update(mx.load(str(file)))
+    for path in ("model.embed_tokens", "pre_projection", "post_projection", "masked_embedding.centroids",
+                 "model.layers.0.self_attn.q_proj", "model.layers.2.mlp.down_proj"):
+        assert stored[f"{path}.weight"].dtype == mx.uint32 and f"{path}.scales" in stored
+    assert stored["masked_embedding.token_ordering"].dtype == mx.int64
+    assert stored["model.layers.0.input_layernorm.weight"].dtype == mx.float32
+    assert "lm_head.weight" not in stored
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "gemma4_unified_assistant" and config["quantization"]["bits"] == 4
+
+
+class RecordingHub:
+    """Stands in for HfApi's network methods and records what the converter asked of them."""
+
+    def __init__(self, monkeypatch):
+        from huggingface_hub import HfApi
+
+        self.calls = []
+        for method in ("create_repo", "upload_folder"):
+            monkeypatch.setattr(HfApi, method, self.recorder(method))
+
+    def recorder(self, method):
+        return lambda api, **kwargs: self.calls.append((method, kwargs))
+
+
+def test_upload_creates_the_repo_and_uploads_the_folder(converted, monkeypatch, capsys):
+    hub = RecordingHub(monkeypatch)
+    code, _ = run_cli(["--mlx-path", converted[4], "--upload-repo", "me/gemma-4-mlx-4bit"], capsys)
+    assert code == 0
+    (create, created), (upload, uploaded) = hub.calls
+    assert created == {"repo_id": "me/gemma-4-mlx-4bit", "repo_type": "model", "exist_ok": True}
+    assert uploaded["folder_path"] == str(converted[4]) and uploaded["repo_id"] == "me/gemma-4-mlx-4bit"
+    assert "mlx-gemma4" in uploaded["commit_message"]
+
+
+def test_dry_run_lists_the_files_and_uploads_nothing(converted, monkeypatch, capsys):
+    hub = RecordingHub(monkeypatch)
+    code = main(["--mlx-path", str(converted[4]), "--upload-repo", "me/x", "--dry-run"])
+    listing = capsys.readouterr().out
+    assert code == 0 and hub.calls == []
+    assert "config.json" in listing and "model.safetensors.index.json" in listing and "README.md" in listing
+
+
+def test_upload_without_network_fails_with_one_line(converted, capsys):
+    # conftest sets HF_HUB_OFFLINE: huggingface_hub refuses every request, as it does without a network.
+    code, err = run_cli(["--mlx-path", converted[4], "--upload-repo", "me/x"], capsys)
+    assert code == 1 and len(err) == 1 and "upload to me/x failed" in err[0]
