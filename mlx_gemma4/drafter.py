@@ -46,7 +46,8 @@ class AssistantConfig:
     def from_dict(cls, params: dict) -> "AssistantConfig":
         if params.get("model_type") != ASSISTANT_MODEL_TYPE:
             raise Gemma4Error(
-                f"model_type {params.get('model_type')!r} is not a Gemma 4 assistant (expected {ASSISTANT_MODEL_TYPE!r})"
+                f"model_type {params.get('model_type')!r} is not a Gemma 4 assistant "
+                f"(expected {ASSISTANT_MODEL_TYPE!r})"
             )
         scalars = {k: v for k, v in params.items() if k in cls.__dataclass_fields__ and k != "text_config"}
         config = cls(text_config=AssistantTextConfig.from_dict(params.get("text_config") or {}), **scalars)

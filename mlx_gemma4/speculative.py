@@ -170,6 +170,10 @@ class DraftLength:
         self.fixed = fixed
         self.current = fixed or INITIAL_DRAFT_TOKENS
 
+    def next(self, remaining: int) -> int:
+        # A verify pass always yields one token of the target's own: never draft past max_tokens.
+        return min(self.current, remaining - 1)
+
     def update(self, drafted: int, accepted: int):
         if self.fixed is None and drafted:
             grown = self.current + DRAFT_GROWTH_ON_FULL_ACCEPTANCE
@@ -196,6 +200,36 @@ class DraftStatistics:
         return self.emitted / self.target_passes if self.target_passes else 0.0
 
 
+@dataclass
+class Round:
+    """One draft-and-verify pass, queued: its k drafts, which of them the target accepts, the target's own token
+    at each of the k + 1 positions (used at the first rejection, or after all k), and the target's log-probabilities
+    and final-normed hidden states there."""
+
+    k: int
+    drafts: mx.array
+    accepted: mx.array
+    fallback: mx.array
+    logprobs: mx.array
+    hidden: mx.array
+
+
+def draft(drafter, embed, token: int, hidden: mx.array, target_kv: dict, position: int, k: int, sampling_logprobs):
+    """k tokens chained from one position: each step feeds the drafter its own projected state and the target's
+    embedding of the token it just proposed. Returns the tokens (each (1, 1)) and, when sampling, their
+    distributions."""
+    current, state, tokens, distributions = mx.array([[token]]), hidden, [], []
+    for _ in range(k):
+        logits, state = drafter(embed(current), state, target_kv, position)
+        if sampling_logprobs is None:
+            current = mx.argmax(logits[:, -1], axis=-1, keepdims=True)
+        else:
+            distributions.append(sampling_logprobs(logits[:, -1]))
+            current = mx.random.categorical(distributions[-1])[:, None]
+        tokens.append(current)
+    return tokens, distributions
+
+
 def speculative_generate_step(
     prompt: mx.array,
     model,
@@ -216,75 +250,60 @@ def speculative_generate_step(
     draft_length = DraftLength(num_draft_tokens)
     statistics = statistics if statistics is not None else DraftStatistics()
     cache = make_speculative_cache(model) if prompt_cache is None else prompt_cache
-    if not all(c.is_trimmable() for c in cache):
+    if not all(isinstance(c, (KVCache, SlidingWindowCache)) for c in cache):
         raise Gemma4Error("speculative decoding needs trimmable caches: make them with make_speculative_cache")
     stores = store_caches(model, cache)
     embed = model.language_model.model.embed
-    greedy = temp == 0
-    sampling_logprobs = None if greedy else make_filter(temp, top_p, top_k, min_p)
-    accept = accept_greedy if greedy else make_rejection_rule(sampling_logprobs)
+    sampling_logprobs = None if temp == 0 else make_filter(temp, top_p, top_k, min_p)
+    accept = accept_greedy if temp == 0 else make_rejection_rule(sampling_logprobs)
+    vocab_size = model.config.text_config.vocab_size
+
+    def start_round(token: int, hidden: mx.array, k: int) -> Round:
+        """Draft k tokens and verify them in one target pass; all queued, nothing waited for."""
+        with mx.stream(generation_stream):
+            target_kv = {kind: c.keys_and_values() for kind, c in stores.items()}
+            drafts, distributions = draft(drafter, embed, token, hidden, target_kv, cache[0].offset, k,
+                                          sampling_logprobs)
+            verify_ids = mx.concatenate([mx.array([[token]])] + drafts, axis=1)
+            logits, hidden = model(verify_ids, cache=cache, return_hidden=True)
+            logits = logits[0]
+            distributions = mx.concatenate(distributions) if distributions else mx.zeros((0, vocab_size))
+            accepted, fallback = accept(logits, verify_ids[0, 1:], distributions)
+            step = Round(k, verify_ids[0, 1:], accepted, fallback,
+                         logits - mx.logsumexp(logits, axis=-1, keepdims=True), hidden)
+        mx.async_eval(step.drafts, step.accepted, step.fallback, step.logprobs, step.hidden)
+        return step
 
     recorder = LastHiddenRecorder(model)
     sampler = make_sampler(temp, top_p=top_p, min_p=min_p, top_k=top_k)
     token, logprobs = next(generate_step(prompt, recorder, max_tokens=1, sampler=sampler,
                                          prefill_step_size=prefill_step_size, prompt_cache=cache, **model_inputs))
     yield token, logprobs, False
-    hidden = recorder.last_hidden
-
-    def start_round(token: int, hidden: mx.array, k: int) -> dict:
-        """Draft k tokens, then verify them; all queued, nothing waited for."""
-        with mx.stream(generation_stream):
-            position = cache[0].offset
-            target_kv = {kind: c.keys_and_values() for kind, c in stores.items()}
-            current, state = mx.array([[token]]), hidden
-            drafts, draft_logprobs = [], []
-            for _ in range(k):
-                logits, state = drafter(embed(current), state, target_kv, position)
-                if greedy:
-                    current = mx.argmax(logits[:, -1], axis=-1, keepdims=True)
-                else:
-                    draft_logprobs.append(sampling_logprobs(logits[:, -1]))
-                    current = mx.random.categorical(draft_logprobs[-1])[:, None]
-                drafts.append(current)
-            verify_ids = mx.concatenate([mx.array([[token]])] + drafts, axis=1)
-            target_logits, target_hidden = model(verify_ids, cache=cache, return_hidden=True)
-            target_logits = target_logits[0]
-            draft_ids = verify_ids[0, 1:]
-            no_drafts = mx.zeros((0, target_logits.shape[-1]), dtype=target_logits.dtype)
-            accepted, fallback = accept(target_logits, draft_ids, mx.concatenate(draft_logprobs) if draft_logprobs else no_drafts)
-            logprobs = target_logits - mx.logsumexp(target_logits, axis=-1, keepdims=True)
-        step = dict(k=k, drafts=draft_ids, accepted=accepted, fallback=fallback, logprobs=logprobs, hidden=target_hidden)
-        mx.async_eval(draft_ids, accepted, fallback, logprobs, target_hidden)
-        return step
-
     produced = 1
-    step = start_round(token, hidden, min(draft_length.current, max_tokens - produced - 1)) if max_tokens > 1 else None
+    step = start_round(token, recorder.last_hidden, draft_length.next(max_tokens - 1)) if max_tokens > 1 else None
     while step is not None:
-        k = step["k"]
-        accepted = step["accepted"].tolist() + [False]
-        count = accepted.index(False)
-        tokens = step["drafts"].tolist()[:count] + [step["fallback"][count].item()]
+        # Keep the drafts up to the first rejected one, then the target's own token there.
+        count = (step.accepted.tolist() + [False]).index(False)
+        tokens = (step.drafts.tolist()[:count] + [step.fallback[count].item()])[: max_tokens - produced]
+        # Roll back exactly the rejected drafts: the caches then end at the last kept token's position.
         for layer_cache in cache:
-            layer_cache.trim(k - count)
-        statistics.drafted += k
+            layer_cache.trim(step.k - count)
+        statistics.drafted += step.k
         statistics.target_passes += 1
-        draft_length.update(k, count)
-        tokens = tokens[: max_tokens - produced]
         statistics.emitted += len(tokens)
-        step_logprobs = step["logprobs"]
-        if produced + len(tokens) < max_tokens:
-            # Queue the next round before handing out this one's tokens: it runs while the caller works.
-            step = start_round(tokens[-1], step["hidden"][:, count : count + 1],
-                               min(draft_length.current, max_tokens - produced - len(tokens) - 1))
-        else:
-            step = None
+        draft_length.update(step.k, count)
+        remaining = max_tokens - produced - len(tokens)
+        # Queue the next round before handing out this one's tokens: it runs while the caller works.
+        queued = None
+        if remaining:
+            queued = start_round(tokens[-1], step.hidden[:, count : count + 1], draft_length.next(remaining))
         for index, token in enumerate(tokens):
-            from_draft = index < count
-            statistics.accepted += from_draft
-            yield token, step_logprobs[index], from_draft
+            statistics.accepted += index < count
+            yield token, step.logprobs[index], index < count
             produced += 1
             if produced % CLEAR_CACHE_EVERY == 0:
                 mx.clear_cache()
+        step = queued
 
 
 def speculative_steps(prompt: mx.array, model, drafter, *, sampler=None, **options) -> Iterator[tuple]:

@@ -40,7 +40,8 @@ def random_target_states(rng, full_length, sliding_length):
         return tuple(rng.standard_normal((1, heads, length, dim)).astype(np.float32) for _ in range(2))
 
     embedding, hidden = (rng.standard_normal((1, 1, TARGET_HIDDEN)).astype(np.float32) for _ in range(2))
-    return embedding, hidden, {"full_attention": pair(1, full_length, 20), "sliding_attention": pair(2, sliding_length, 12)}
+    target_kv = {"full_attention": pair(1, full_length, 20), "sliding_attention": pair(2, sliding_length, 12)}
+    return embedding, hidden, target_kv
 
 
 # Sliding key counts below, at and past the window + 1 the reference's sliding mask lets through.

@@ -159,8 +159,9 @@ def test_greedy_speculative_output_equals_plain_greedy_with_an_image_in_the_prom
     assert statistics.accepted == statistics.drafted > 0
 
 
-# Sampling: the first two tokens of each run (the first from the prefill, the second from the rejection rule), on top-3 filtered
-# distributions sharpened by a low temperature, so 9 outcomes. The exact target distribution is computed directly.
+# Sampling: the first two tokens of each run (the first from the prefill, the second from the rejection rule), on
+# top-3 filtered distributions sharpened by a low temperature, so 9 outcomes. The exact target distribution is
+# computed directly.
 # The drafter double proposes from a fixed distribution over the target's candidate second tokens that differs from
 # the target's, so drafts are accepted in some runs and rejected in others.
 SAMPLING = dict(temp=0.5, top_k=3)
