@@ -10,8 +10,8 @@ from .config import AudioConfig, VisionConfig
 from .decoder import rms_norm_without_scale
 
 # A patch row is 48*48*3 = 6912 values. MLX's CPU kernels sum a row that long in one float32 run and lose ~1e-5
-# (torch ~1e-6), which moved image prompts' logits past 1e-4 of the reference; summing in partial runs and then
-# adding the partials keeps the reference's precision at the same cost.
+# (torch ~1e-6), which moved image prompts' logits past 1e-4 of the reference; summing pairwise (the norm) or in
+# partial runs (the projection) keeps the reference's precision at little cost.
 PATCH_REDUCTION_RUNS = 16
 
 
@@ -20,11 +20,19 @@ def partial_runs(width: int) -> int:
 
 
 def precise_mean(x: mx.array) -> mx.array:
-    return x.reshape(*x.shape[:-1], partial_runs(x.shape[-1]), -1).mean(-1).mean(-1, keepdims=True)
+    """Pairwise summation: halve the row by adding neighbours while its width is even (6912 = 2**8 * 27)."""
+    width = x.shape[-1]
+    while x.shape[-1] % 2 == 0:
+        x = x.reshape(*x.shape[:-1], -1, 2).sum(-1)
+    return x.sum(-1, keepdims=True) / width
 
 
 def precise_layer_norm(x: mx.array, norm: nn.LayerNorm) -> mx.array:
-    centered = x - precise_mean(x)
+    # Pixel rows are mostly their mean, and a flat patch's variance is near or below eps, where any rounding of the
+    # mean is multiplied by up to 1/sqrt(eps) ~ 316. Centering the offsets from the row's first value (small, and
+    # exact to compute) never rounds a large mean.
+    offsets = x - x[..., :1]
+    centered = offsets - precise_mean(offsets)
     return centered * mx.rsqrt(precise_mean(centered * centered) + norm.eps) * norm.weight + norm.bias
 
 
