@@ -245,3 +245,15 @@ def test_sliding_window_cache_hands_out_the_window_after_appends_compactions_and
         held, _ = cache.keys_and_values()
         assert np.array(held).ravel().tolist()[-(window + 1):] == positions[-(window + 1):]
         assert cache.offset == len(positions)
+
+
+def test_the_cli_refuses_a_mismatched_assistant_in_one_line(tmp_path, capsys):
+    from mlx_gemma4.generate import main
+
+    target, assistant = tmp_path / "target", tmp_path / "assistant"
+    save_reference_checkpoint(target, vision=False, audio=False)
+    save_reference_assistant(assistant, backbone=40)
+    capsys.readouterr()  # the fixture writers' progress bars
+    assert main(["--model", str(target), "--prompt", "hi", "--draft-model", str(assistant)]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("error: the draft model expects a target of hidden size 40") and error.count("\n") == 1
