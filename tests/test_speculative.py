@@ -24,16 +24,21 @@ PROMPT = list(range(20, 31))
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
+def target_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("target")
+    save_reference_checkpoint(folder, dict(sliding_window=SLIDING_WINDOW), vision=False, audio=False, seed=7)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory, target_folder):
     # A small allocation step makes the sliding caches compact (drop old keys) every few rounds here.
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(SlidingWindowCache, "step", 5)
-        yield build_pair(tmp_path_factory)
+        yield build_pair(tmp_path_factory, target_folder)
 
 
-def build_pair(tmp_path_factory):
-    target_folder = tmp_path_factory.mktemp("target")
-    save_reference_checkpoint(target_folder, dict(sliding_window=SLIDING_WINDOW), vision=False, audio=False, seed=7)
+def build_pair(tmp_path_factory, target_folder):
     assistant_folder = tmp_path_factory.mktemp("assistant")
     save_reference_assistant(assistant_folder, seed=8, sliding_window=SLIDING_WINDOW)
     model, processor = load(target_folder)
@@ -247,11 +252,10 @@ def test_sliding_window_cache_hands_out_the_window_after_appends_compactions_and
         assert cache.offset == len(positions)
 
 
-def test_the_cli_refuses_a_mismatched_assistant_in_one_line(tmp_path, capsys):
+def test_the_cli_refuses_a_mismatched_assistant_in_one_line(target_folder, tmp_path, capsys):
     from mlx_gemma4.generate import main
 
-    target, assistant = tmp_path / "target", tmp_path / "assistant"
-    save_reference_checkpoint(target, vision=False, audio=False)
+    target, assistant = target_folder, tmp_path / "assistant"
     save_reference_assistant(assistant, backbone=40)
     capsys.readouterr()  # the fixture writers' progress bars
     assert main(["--model", str(target), "--prompt", "hi", "--draft-model", str(assistant)]) == 1
