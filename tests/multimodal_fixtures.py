@@ -11,6 +11,7 @@ from reference_models import special_token_ids
 DATA = Path(__file__).parent / "data"
 # The script that made the reference arrays also makes the inputs they were made from; tests import it.
 sys.path.insert(0, str(DATA))
+import make_reference_arrays as reference_inputs  # noqa: E402
 PATCH_DIMS = 48 * 48 * 3
 AUDIO_FRAME = 640
 # mm_token_type_ids values, as ProcessorMixin.create_mm_token_type_ids writes them.

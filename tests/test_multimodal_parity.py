@@ -14,7 +14,7 @@ from mlx_gemma4.loading import load
 from mlx_gemma4.multimodal import audio_soft_tokens, block_ids_for, media_prompt, vision_soft_tokens
 from mlx_gemma4.processor import Processor
 from mlx_gemma4.video_processing import Video
-from multimodal_fixtures import DATA, PromptBuilder
+from multimodal_fixtures import DATA, PromptBuilder, reference_inputs
 from reference_models import reference_logits, save_reference_checkpoint
 
 FLOAT32_TOLERANCE = 1e-4
@@ -150,8 +150,6 @@ def test_processor_output_gives_reference_logits_on_a_photograph_and_audio(check
 
 def test_prompt_expansion_matches_reference_processor(checkpoint):
     """Token ids and media token types equal the reference processor's for two images, audio and a video."""
-    import make_reference_arrays as reference_inputs
-
     _, _, model, _ = checkpoint
     # BPE training breaks ties at random: the tokenizer the reference used is the one kept in tests/data.
     processor = Processor(load_tokenizer(DATA / "tokenizer"), model.config, stop_token_ids=set())
