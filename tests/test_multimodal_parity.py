@@ -192,3 +192,28 @@ def test_placeholder_count_must_match_the_media(checkpoint):
     prompt = processor.chat_prompt("Two?", images=1)
     with pytest.raises(Gemma4Error, match="1 <\\|image\\|> placeholder"):
         media_prompt(model, processor, prompt, images=[DATA / "tiny.png", DATA / "tiny.png"])
+
+
+def test_command_line_takes_images_and_audio(checkpoint, capsys, tmp_path):
+    import soundfile
+
+    from mlx_gemma4.generate import main
+
+    folder = checkpoint[0]
+    clip = tmp_path / "clip.wav"
+    soundfile.write(clip, np.sin(np.linspace(0, 200, 4000)).astype(np.float32), 16_000)
+    code = main(["--model", str(folder), "--prompt", "What is here?", "--image", str(DATA / "tiny.png"), "--image",
+                 str(DATA / "logo_rgba.png"), "--audio", str(clip), "--max-tokens", "3", "--verbose", "false"])
+    assert code == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_command_line_bad_image_is_one_line_and_nonzero(checkpoint, capsys, tmp_path):
+    from mlx_gemma4.generate import main
+
+    broken = tmp_path / "broken.png"
+    broken.write_bytes((DATA / "tiny.png").read_bytes()[:100])
+    code = main(["--model", str(checkpoint[0]), "--prompt", "Hi", "--image", str(broken)])
+    error = capsys.readouterr().err
+    assert code == 1
+    assert error.count("\n") == 1 and error.startswith("error: ") and "broken.png" in error
