@@ -166,7 +166,7 @@ def qat_rows(model: Model, weights: list, tokens) -> list:
     for name, value in snapped:
         path = name.removesuffix(".weight")
         if value.ndim == 2 and value.shape[-1] % 32 == 0 and "pos_embedding" not in name:
-            packed, scales, biases, off = qat.quantize_on_grid(value)
+            packed, scales, biases, _ = qat.quantize_on_grid(value)
             mapped.update({f"{path}.weight": packed, f"{path}.scales": scales, f"{path}.biases": biases})
     exact.load_weights(list(mapped.items()), strict=False)
     rows.append(("  --qat exact mapping (4-bit g32)", *score(reference, np.array(exact(tokens))), None))

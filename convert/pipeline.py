@@ -4,8 +4,6 @@ Everything a user can get wrong (source, model type, shards, shapes, flags, dest
 byte is written; the output is staged beside the destination and renamed into place at the end.
 """
 
-import copy
-import json
 import shutil
 from math import prod
 from pathlib import Path
@@ -13,11 +11,11 @@ from typing import Optional
 
 import mlx.core as mx
 
-from mlx_gemma4.config import FULL, TextConfig
 from mlx_gemma4.errors import Gemma4Error
 from mlx_gemma4.loading import DTYPES, resolve_model_path
 
 from .checkpoint import Checkpoint, read_checkpoint
+from .config_file import source_dtype_name, write_config
 from .layout import Layout, make_layout
 from .model_card import CardFacts, write_model_card
 from .quantize import QuantizationSettings, config_block, convert_tensor, plan_quantization
@@ -31,14 +29,6 @@ SIDE_FILES = (
     "chat_template.jinja", "chat_template.json", "generation_config.json", "processor_config.json",
     "preprocessor_config.json", "video_preprocessor_config.json",
 )
-
-
-def source_dtype_name(config: dict) -> Optional[str]:
-    text_config = config.get("text_config") or {}
-    for value in (config.get("dtype"), config.get("torch_dtype"), text_config.get("dtype")):
-        if value in DTYPES:
-            return value
-    return None
 
 
 def output_groups(file: Path, layout: Layout, plan: dict, dtype, use_qat: bool) -> list:
@@ -55,55 +45,6 @@ def output_groups(file: Path, layout: Layout, plan: dict, dtype, use_qat: bool) 
         path = layout.path_of(name)
         groups.append(convert_tensor(name, array, plan.get(path), dtype, use_qat))
     return groups
-
-
-def add_peer_config_keys(text_config: dict):
-    """Keys mlx-lm and mlx-vlm need to read this text config as transformers and mlx-gemma4 do.
-
-    transformers 5.23 saves full-attention head sizes only as `per_layer_config`; the peers read `global_head_dim`
-    and `num_global_key_value_heads`. Where the overrides are the same on every full layer, those keys are written
-    too (transformers and mlx-gemma4 let `per_layer_config` win). mlx-lm's Gemma 4 text model assumes per-layer
-    input embeddings and KV sharing (the E2B/E4B models) unless told otherwise; where the unified config leaves
-    them out they are 0, as transformers reads them.
-    """
-    text_config.setdefault("hidden_size_per_layer_input", 0)
-    text_config.setdefault("num_kv_shared_layers", 0)
-    # Peers default to other layer patterns; spell out the one mlx-gemma4 and transformers derive.
-    text_config.setdefault("layer_types", TextConfig.from_dict(text_config).layer_types)
-    overrides = text_config.get("per_layer_config")
-    full = [str(i) for i, kind in enumerate(text_config.get("layer_types") or []) if kind == FULL]
-    if not overrides or sorted(overrides, key=int) != full:
-        return
-    distinct = {json.dumps(values, sort_keys=True) for values in overrides.values()}
-    if len(distinct) != 1:
-        return
-    values = next(iter(overrides.values()))
-    if "head_dim" in values:
-        text_config.setdefault("global_head_dim", values["head_dim"])
-    if "num_key_value_heads" in values:
-        text_config.setdefault("num_global_key_value_heads", values["num_key_value_heads"])
-
-
-def write_config(folder: Path, config: dict, quantization: Optional[dict], dtype_name: Optional[str]):
-    config = copy.deepcopy(config)
-    config.pop("_name_or_path", None)
-    if isinstance(config.get("text_config"), dict):
-        add_peer_config_keys(config["text_config"])
-        # mlx-lm's gemma4 wrapper overwrites the text vocabulary size with a top-level one (default 262144).
-        config.setdefault("vocab_size", config["text_config"].get("vocab_size"))
-    elif config.get("model_type") == "gemma4_unified_text":
-        add_peer_config_keys(config)
-    config.pop("quantization", None)
-    config.pop("quantization_config", None)
-    if quantization is not None:
-        # mlx-lm reads "quantization", mlx-vlm and Hugging Face tooling "quantization_config"; both say the same.
-        config["quantization"] = quantization
-        config["quantization_config"] = quantization
-    if dtype_name is not None:
-        for holder in (config, config.get("text_config") or {}):
-            if "dtype" in holder or holder is config:
-                holder["dtype"] = dtype_name
-    (folder / "config.json").write_text(json.dumps(config, indent=4) + "\n")
 
 
 def copy_side_files(source: Path, folder: Path):

@@ -34,9 +34,11 @@ def source(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def converted(source, tmp_path_factory):
-    """bits -> converted folder, made once for the module."""
+    """4, 8 and the mixed recipe -> converted folder, made once for the module."""
     root = tmp_path_factory.mktemp("mlx")
-    return {bits: convert(str(source[0]), str(root / f"q{bits}"), q_bits=bits, progress=False) for bits in (4, 8)}
+    folders = {bits: convert(str(source[0]), str(root / f"q{bits}"), q_bits=bits, progress=False) for bits in (4, 8)}
+    folders["mixed"] = convert(str(source[0]), str(root / "mixed"), quant_predicate="mixed_4_8", progress=False)
+    return folders
 
 
 def run_cli(argv, capsys) -> tuple:
@@ -87,7 +89,7 @@ def test_every_linear_and_embedding_is_quantized_at_4_bits(converted):
     assert model.language_model.model.embed_tokens.bits == 4
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [4, 8, "mixed"])
 def test_mlx_gemma4_mlx_vlm_and_mlx_lm_give_the_same_logits(converted, bits):
     ours = ours_logits(converted[bits])
     np.testing.assert_allclose(mlx_vlm_logits(converted[bits]), ours, atol=PEER_TOLERANCE, rtol=0)
@@ -100,6 +102,18 @@ def test_8_bit_logits_track_the_unquantized_reference(source, converted):
     difference = np.abs(logits - expected) / expected.std()
     assert difference.mean() <= EIGHT_BIT_MEAN_TOLERANCE and difference.max() <= EIGHT_BIT_MAX_TOLERANCE
     np.testing.assert_array_equal(logits.argmax(-1), expected.argmax(-1))
+
+
+def test_mixed_recipe_records_its_8_bit_layers_in_the_config(converted):
+    quantization = json.loads((converted["mixed"] / "config.json").read_text())["quantization"]
+    eight_bit = {"group_size": 64, "bits": 8, "mode": "affine"}
+    assert quantization["language_model.model.embed_tokens"] == eight_bit
+    assert quantization["language_model.model.layers.0.self_attn.v_proj"] == eight_bit
+    assert quantization["language_model.model.layers.1.self_attn.k_proj"] == eight_bit  # full layer: K = V
+    assert "language_model.model.layers.0.self_attn.k_proj" not in quantization
+    model = load_model(converted["mixed"])
+    assert model.language_model.model.layers[0].self_attn.v_proj.bits == 8
+    assert model.language_model.model.layers[0].self_attn.q_proj.bits == 4
 
 
 def test_converted_folder_loads_with_its_processor(converted):
