@@ -70,7 +70,7 @@ def plan_quantization(layout: Layout, settings: QuantizationSettings) -> dict:
             if choice is False:
                 continue
             if isinstance(choice, dict):
-                params = {"mode": MODE, **choice}
+                params = {**choice, "mode": MODE}
                 if shape[-1] % params["group_size"]:
                     continue
         plan[path] = params
