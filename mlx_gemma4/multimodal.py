@@ -1,8 +1,8 @@
 """Image, video and audio soft tokens into the prompt's embeddings, as `Gemma4UnifiedModel.forward` places them.
 
 The processor writes one placeholder token per soft token (`<|image|>`, `<|video|>`, `<|audio|>`); each run of
-placeholders is filled, in order, with the projected patches or audio frames. Vision runs also become blocks that
-attend to themselves both ways on sliding layers (see attention_mask.py).
+placeholders is filled, in order, with the projected patches or audio frames. Vision runs (an image, a video frame)
+also become blocks that attend to themselves both ways (see attention_mask.py).
 """
 
 import re
@@ -14,12 +14,8 @@ import numpy as np
 from .attention_mask import vision_block_ids
 from .errors import Gemma4Error
 
-# The names the reference processor gives its arrays, and that Model.__call__ accepts.
-MEDIA_INPUT_NAMES = (
-    "pixel_values", "image_position_ids", "pixel_values_videos", "video_position_ids", "num_frames_per_video",
-    "input_features", "input_features_mask",
-)
 PADDING_POSITION = -1
+VISION_TOKEN_TYPES = (1, 2)  # image, video in mm_token_type_ids (3 is audio, 0 text)
 
 
 def merge_media(
@@ -99,7 +95,10 @@ def block_ids_for(config, mm_token_type_ids) -> Optional[mx.array]:
     when the prompt says which tokens are media (`mm_token_type_ids`) and the config asks for vision attention."""
     if mm_token_type_ids is None or config.text_config.use_bidirectional_attention != "vision":
         return None
-    return vision_block_ids(mx.array(mm_token_type_ids))
+    types = np.asarray(mm_token_type_ids)
+    if not np.isin(types, VISION_TOKEN_TYPES).any():
+        return None  # text and audio only: plain causal masks, no mask arrays to build
+    return vision_block_ids(mx.array(types))
 
 
 def expand_media(processor, text: str, images=None, audio=None, videos=None) -> tuple:
