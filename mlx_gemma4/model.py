@@ -59,7 +59,8 @@ class Model(nn.Module):
         """Logits (batch, length, vocab), as the reference's `.logits`; `logits_to_keep` > 0 keeps only the last ones.
 
         Takes the reference processor's output as it is: `mm_token_type_ids` turns on bidirectional attention within
-        each image or video frame, `media` are its arrays (see multimodal.MEDIA_INPUT_NAMES)."""
+        each image or video frame; `media` are its arrays: pixel_values, image_position_ids, pixel_values_videos,
+        video_position_ids, num_frames_per_video, input_features, input_features_mask."""
         if input_embeddings is None:
             input_embeddings = self.embed_inputs(input_ids, **media)
         if block_ids is None:
