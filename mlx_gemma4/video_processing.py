@@ -5,6 +5,7 @@ uniformly as the reference's `default_sample_indices_fn` samples them, then each
 image, with a smaller soft-token budget per frame.
 """
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +38,6 @@ def load_video(source, num_frames: int = DEFAULT_NUM_FRAMES) -> Video:
         import av
     except ImportError:
         raise Gemma4Error("video input needs PyAV: pip install av") from None
-    import io
 
     name = "video bytes" if isinstance(source, (bytes, bytearray)) else str(source)
     if not isinstance(source, (bytes, bytearray)) and not Path(source).is_file():
