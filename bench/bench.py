@@ -199,9 +199,12 @@ def run_peers(bench: Bench, args, folder: Path, prompts: dict, vocab_size: int):
     names = [name for name in peer_names(args.peers) if peer_installed(name)]
     for name in sorted(set(peer_names(args.peers)) - set(names)):
         bench.results["notes"].append(f"{name} is not installed: skipped")
+    if args.long_context and "mlx-vlm-lm" in names:
+        bench.results["notes"].append("long context: mlx-vlm-lm left out (mlx-vlm's model, mlx-lm's loop)")
     for runtime in load_peers(names, folder):
         bench.generation(runtime, prompts)
-        bench.long_context(runtime, vocab_size)
+        if runtime.name != "mlx-vlm-lm":
+            bench.long_context(runtime, vocab_size)
         del runtime
         gc.collect()
         mx.clear_cache()
