@@ -50,25 +50,12 @@ def save_quantizable_checkpoint(folder: Path, seed: int = 0, shard_size: str = S
 
 
 def save_assistant_checkpoint(folder: Path, seed: int = 0):
-    """A random Gemma4UnifiedAssistantForCausalLM with ordered embeddings (centroids + token_ordering)."""
-    import torch
-    from transformers import Gemma4UnifiedAssistantConfig, Gemma4UnifiedAssistantForCausalLM
+    """A random Gemma4UnifiedAssistantForCausalLM (every layer reusing the target's KV) with ordered embeddings,
+    every matrix width a multiple of 64."""
+    from speculative_fixtures import save_reference_assistant
 
-    torch.manual_seed(seed)
-    # The reference cannot build a text model whose every layer reuses the target's KV (its producer check fails),
-    # so one layer of each kind keeps its own projections; the converter treats the tensors generically anyway.
-    text = text_config(
-        **QUANTIZABLE_TEXT, num_hidden_layers=3, num_kv_shared_layers=1,
-        layer_types=["full_attention", "sliding_attention", "full_attention"],
+    sizes = {k: v for k, v in QUANTIZABLE_TEXT.items() if k != "vocab_size"}
+    return save_reference_assistant(
+        folder, seed=seed, ordered=True, num_centroids=8, top_k=2, backbone=QUANTIZABLE_TEXT["hidden_size"],
+        vocab_size=384, **sizes,
     )
-    vocab = text["vocab_size"] = 384  # a multiple of the centroid count
-    config = Gemma4UnifiedAssistantConfig(
-        text_config=dict(text, model_type="gemma4_unified_text"), backbone_hidden_size=QUANTIZABLE_TEXT["hidden_size"],
-        use_ordered_embeddings=True, num_centroids=8, centroid_intermediate_top_k=2,
-    )
-    model = Gemma4UnifiedAssistantForCausalLM(config).eval()
-    randomize(model, seed)
-    with torch.no_grad():
-        model.masked_embedding.token_ordering.copy_(torch.randperm(vocab))
-    model.save_pretrained(str(folder))
-    return model

@@ -13,6 +13,7 @@ from reference_models import reference_logits
 from convert import qat
 from convert.convert import main
 from convert.pipeline import convert
+from mlx_gemma4.drafter import load_drafter
 from mlx_gemma4.loading import load, load_model
 
 # Six tokens: within the fixture's sliding window, where mlx-vlm's sliding mask agrees with the reference's.
@@ -243,6 +244,9 @@ def test_assistant_converts_linear_and_embedding_weights_and_keeps_the_rest(tmp_
     assert "lm_head.weight" not in stored
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "gemma4_unified_assistant" and config["quantization"]["bits"] == 4
+    drafter = load_drafter(folder)
+    plain = [name for name, module in drafter.named_modules() if type(module) in (nn.Linear, nn.Embedding)]
+    assert plain == []
 
 
 class RecordingHub:
