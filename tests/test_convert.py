@@ -53,9 +53,11 @@ def ours_logits(folder: Path) -> np.ndarray:
 
 
 def mlx_vlm_logits(folder: Path) -> np.ndarray:
-    from mlx_vlm.utils import load_model as mlx_vlm_load_model
+    """Through mlx-vlm's own `load`, processor included, as its users load a converted folder."""
+    from mlx_vlm import load as mlx_vlm_load
 
-    return np.array(mlx_vlm_load_model(folder)(mx.array(PROMPT)).logits)
+    model, _ = mlx_vlm_load(str(folder))
+    return np.array(model(mx.array(PROMPT)).logits)
 
 
 def mlx_lm_logits(folder: Path) -> np.ndarray:
