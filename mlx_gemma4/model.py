@@ -12,6 +12,7 @@ import mlx.nn as nn
 from .config import ModelConfig
 from .decoder import LanguageModel
 from .embedder import make_embedders
+from .errors import Gemma4Error
 from .multimodal import block_ids_for, merge_media
 
 # Reference buffers that are recomputed, never loaded.
@@ -54,13 +55,17 @@ class Model(nn.Module):
         block_ids: Optional[mx.array] = None,
         return_hidden: bool = False,
         mm_token_type_ids=None,
+        attention_mask=None,
         **media,
     ) -> mx.array:
         """Logits (batch, length, vocab), as the reference's `.logits`; `logits_to_keep` > 0 keeps only the last ones.
 
         Takes the reference processor's output as it is: `mm_token_type_ids` turns on bidirectional attention within
         each image or video frame; `media` are its arrays: pixel_values, image_position_ids, pixel_values_videos,
-        video_position_ids, num_frames_per_video, input_features, input_features_mask."""
+        video_position_ids, num_frames_per_video, input_features, input_features_mask. Its `attention_mask` is
+        accepted when it masks nothing: one unpadded prompt at a time."""
+        if attention_mask is not None and not mx.array(attention_mask).all().item():
+            raise Gemma4Error("padded prompts are not supported: pass one prompt without padding")
         if input_embeddings is None:
             input_embeddings = self.embed_inputs(input_ids, **media)
         if block_ids is None:

@@ -166,6 +166,7 @@ def media_prompt(model, processor, prompt, images=None, audio=None, video=None) 
         raise Gemma4Error("a prompt with images, audio or video must be text with a placeholder for each")
     inputs = processor(prompt, images=images, audio=audio, videos=None if video is None else [video])
     input_ids = inputs.pop("input_ids")
+    inputs.pop("attention_mask")
     block_ids = block_ids_for(model.config, inputs.pop("mm_token_type_ids", None))
     embeddings = model.embed_inputs(input_ids, **inputs)
     return input_ids[0].tolist(), {"input_embeddings": embeddings, "block_ids": block_ids}

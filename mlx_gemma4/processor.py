@@ -89,7 +89,7 @@ class Processor:
 
         text, media = expand_media(self, text, images, audio, videos)
         ids = self.encode(text)
-        inputs = {"input_ids": mx.array([ids])}
+        inputs = {"input_ids": mx.array([ids]), "attention_mask": mx.ones((1, len(ids)), dtype=mx.int32)}
         if media:
             types = [0] * len(ids)
             for name, kind in MEDIA_TOKEN_TYPES.items():

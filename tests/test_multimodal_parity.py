@@ -148,6 +148,16 @@ def test_processor_output_gives_reference_logits_on_a_photograph_and_audio(check
     assert max_difference(model(mx.array(ids), **inputs), expected) <= FLOAT32_TOLERANCE
 
 
+def test_model_takes_the_processor_output_as_it_is(checkpoint):
+    _, _, model, processor = checkpoint
+    inputs = processor(processor.chat_prompt("Look.", images=1), images=[DATA / "tiny.png"])
+    logits = model(**inputs)
+    assert logits.shape[:2] == inputs["input_ids"].shape
+    padded = dict(inputs, attention_mask=mx.concatenate([mx.zeros((1, 1), mx.int32), inputs["attention_mask"][:, 1:]], 1))
+    with pytest.raises(Gemma4Error, match="padded prompts"):
+        model(**padded)
+
+
 def test_prompt_expansion_matches_reference_processor(checkpoint):
     """Token ids and media token types equal the reference processor's for two images, audio and a video."""
     _, _, model, _ = checkpoint
