@@ -129,6 +129,8 @@ def make_filter(temp: float, top_p: float, top_k: int, min_p: float):
         filters.append(lambda x: apply_top_k(x, top_k))
 
     def sampling_logprobs(logits: mx.array) -> mx.array:
+        # The acceptance test divides these probabilities: keep them in float32 whatever the weights' dtype.
+        logits = logits.astype(mx.float32)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         for apply in filters:
             logprobs = apply(logprobs)
