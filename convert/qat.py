@@ -17,6 +17,9 @@ CODES_PER_WORD = 32 // BITS
 # A bf16 weight stores its level k*d with relative error <= 2^-8, so at most 8/256 = 1/32 of a step off at the
 # largest level; a weight further than 1/8 of a step from every level is not on the grid.
 GRID_TOLERANCE = 0.125
+# The mapping works in float32; rows are mapped this many weights at a time so that the temporaries stay small
+# (the 12B's embedding alone would need several 4 GB float32 temporaries at once).
+CHUNK_WEIGHTS = 1 << 22
 
 
 def q4_0_steps(blocks: mx.array) -> mx.array:
@@ -42,12 +45,21 @@ def quantize_on_grid(weight: mx.array):
     return packed, scales.astype(weight.dtype), (-ZERO_CODE * scales).astype(weight.dtype), off_grid
 
 
-def verify_on_grid(name: str, off_grid: float):
-    if off_grid > GRID_TOLERANCE:
-        raise Gemma4Error(
-            f"--qat: {name} is not on the q4_0 grid (a weight sits {off_grid:.2f} of a step from the nearest level); "
-            "these are not q4_0 QAT weights, convert them with -q instead"
-        )
+def map_in_chunks(name: str, weight: mx.array) -> tuple:
+    """(packed weight, scales, biases), each a list of evaluated row blocks (written one after the other, never
+    concatenated in memory); stops with Gemma4Error at the first block of rows that is off the grid."""
+    rows = max(1, CHUNK_WEIGHTS // weight.shape[-1])
+    pieces = []
+    for start in range(0, weight.shape[0], rows):
+        *outputs, off_grid = quantize_on_grid(weight[start:start + rows])
+        mx.eval(*outputs, off_grid)
+        if off_grid.item() > GRID_TOLERANCE:
+            raise Gemma4Error(
+                f"--qat: {name} is not on the q4_0 grid (a weight sits {off_grid.item():.2f} of a step from the "
+                "nearest level); these are not q4_0 QAT weights, convert them with -q instead"
+            )
+        pieces.append(outputs)
+    return tuple(list(parts) for parts in zip(*pieces))
 
 
 def dequantize_q4_0(weight: mx.array) -> mx.array:

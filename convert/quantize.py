@@ -92,8 +92,8 @@ def convert_tensor(name: str, array: mx.array, params: Optional[dict], dtype, us
         return SourceTensor(name, {name: array})
     path = name.removesuffix(".weight")
     if use_qat:
-        weight, scales, biases, off_grid = qat.quantize_on_grid(array)
+        weight, scales, biases, _ = qat.quantize_on_grid(array)
         outputs = {f"{path}.weight": weight, f"{path}.scales": scales, f"{path}.biases": biases}
-        return SourceTensor(name, outputs, check=off_grid, verify=qat.verify_on_grid)
+        return SourceTensor(name, outputs, materialize=lambda: qat.map_in_chunks(name, array))
     weight, scales, biases = mx.quantize(array, params["group_size"], params["bits"])
     return SourceTensor(name, {f"{path}.weight": weight, f"{path}.scales": scales, f"{path}.biases": biases})

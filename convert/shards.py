@@ -28,10 +28,10 @@ class SourceTensor:
 
     source_name: str
     outputs: dict  # output name -> lazy mx.array
-    # Optional lazy scalar evaluated with the outputs, and the callable(source_name, value) that judges it (raising
-    # Gemma4Error to stop the conversion), e.g. how far QAT weights sit off the q4_0 grid.
-    check: object = None
-    verify: object = None
+    # Optional callable returning the evaluated outputs in the same order, each an array or a list of row blocks
+    # that concatenate to it, for conversions that must run in pieces to bound memory (the lazy `outputs` then only
+    # give the header its shapes and dtypes).
+    materialize: object = None
 
     @property
     def nbytes(self) -> int:
@@ -66,16 +66,15 @@ def write_shard(path: Path, groups: list, progress=None) -> dict:
         for index in range(len(groups)):
             group = groups[index]
             groups[index] = None
-            arrays = [mx.contiguous(array) for array in group.outputs.values()]
-            checks = [group.check] if group.check is not None else []
-            mx.eval(*arrays, *checks)
-            if checks:
-                group.verify(group.source_name, checks[0].item())
+            outputs = group.materialize() if group.materialize else group.outputs.values()
+            arrays = [mx.contiguous(piece) for output in outputs for piece in (
+                output if isinstance(output, list) else [output])]
+            mx.eval(*arrays)
             for array in arrays:
                 file.write(memoryview(array))
             if progress is not None:
                 progress.update(group.nbytes)
-            del group, arrays, checks
+            del group, outputs, arrays
     return names
 
 

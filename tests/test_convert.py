@@ -209,7 +209,8 @@ def snap_to_q4_0_grid(source: Path, destination: Path) -> dict:
     return snapped
 
 
-def test_qat_mode_reproduces_q4_0_grid_weights_exactly(source, tmp_path):
+def test_qat_mode_reproduces_q4_0_grid_weights_exactly(source, tmp_path, monkeypatch):
+    monkeypatch.setattr(qat, "CHUNK_WEIGHTS", 1000)  # several row blocks per matrix, as on the real model
     snapped = snap_to_q4_0_grid(source[0], tmp_path / "qat")
     folder = convert(str(tmp_path / "qat"), str(tmp_path / "out"), qat=True, progress=False)
     config = json.loads((folder / "config.json").read_text())
