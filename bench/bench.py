@@ -49,6 +49,7 @@ def parse_args(argv=None):
     parser.add_argument("--time-budget", type=float, default=0.0, help="seconds; later long-context runs skip")
     parser.add_argument("--bandwidth", type=float, help="memory bandwidth in GB/s (overrides the chip table)")
     parser.add_argument("--json", help="write all results here")
+    parser.add_argument("--weights-dir", help="--random with --peers: write (and keep) the weights here")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -230,7 +231,7 @@ def main(argv=None):
         if args.peers and folder is None:
             from random_model import save_converted
 
-            folder = Path(scratch) / "weights"
+            folder = Path(args.weights_dir or Path(scratch) / "weights")
             log(f"writing the random weights for the peers to {folder}")
             save_converted(model, config_dict, folder)
         run_ours(bench, args, model, prompts, config_dict)
