@@ -22,6 +22,7 @@ import mlx.core as mx  # noqa: E402
 
 from measure import environment, log, measure, random_prompt  # noqa: E402
 from mlx_gemma4.errors import Gemma4Error  # noqa: E402
+from mlx_gemma4.loading import resolve_model_path  # noqa: E402
 from peers import PEERS, load_peers, ours, peer_installed  # noqa: E402
 from report import markdown, write_json  # noqa: E402
 from roofline import machine_bandwidth, roofline_fraction  # noqa: E402
@@ -115,25 +116,28 @@ class Bench:
 
 
 def load_target(args):
-    """(model, folder the peers can load or None, config dict or None, tokenizer or None)."""
+    """(model, folder the peers can load or None, random config dict or None)."""
     if args.random:
         from random_model import build_random_model
 
         model, config = build_random_model(args.random, args.bits, args.seed)
-        return model, None, config, None
-    from mlx_gemma4.loading import load, resolve_model_path
+        return model, None, config
+    from mlx_gemma4.loading import load_model
 
-    model, processor = load(args.model)
-    return model, resolve_model_path(args.model), None, processor
+    folder = resolve_model_path(args.model)
+    return load_model(folder), folder, None
 
 
-def make_prompts(args, model, processor) -> dict:
+def make_prompts(args, model) -> dict:
     vocab = model.config.text_config.vocab_size
     lengths = int_list(args.prompt_tokens)
     if not args.prompt_file:
         return {n: random_prompt(n, vocab, args.seed + n) for n in lengths}
-    if processor is None:
+    if args.random:
         raise Gemma4Error("--prompt-file needs --model (a tokenizer)")
+    from mlx_gemma4.processor import Processor
+
+    processor = Processor.from_folder(resolve_model_path(args.model), model.config)
     ids = processor.encode(Path(args.prompt_file).read_text(encoding="utf-8", errors="ignore"))
     while len(ids) < max(lengths):
         ids = ids + ids
@@ -214,10 +218,10 @@ def run_peers(bench: Bench, args, folder: Path, prompts: dict, vocab_size: int):
 def main(argv=None):
     args = parse_args(argv)
     machine = machine_bandwidth(args.bandwidth)
-    model, folder, config_dict, processor = load_target(args)
+    model, folder, config_dict = load_target(args)
     from random_model import weight_bytes_per_token
 
-    prompts = make_prompts(args, model, processor)
+    prompts = make_prompts(args, model)
     vocab_size = model.config.text_config.vocab_size
     results = {
         "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0]] + (argv or sys.argv[1:])),

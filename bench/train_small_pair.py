@@ -52,9 +52,9 @@ def parse_args(argv=None):
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--corpus-megabytes", type=float, default=12.0)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--target-steps", type=int, default=700)
-    parser.add_argument("--assistant-steps", type=int, default=400)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--target-steps", type=int, default=600)
+    parser.add_argument("--assistant-steps", type=int, default=300)
     parser.add_argument("--assistant-batch-size", type=int, default=8)
     parser.add_argument("--assistant-unroll", type=int, default=3, help="chained draft steps trained per position")
     parser.add_argument("--learning-rate", type=float, default=2e-3)
@@ -389,7 +389,8 @@ def main(argv=None):
         assistant_parameters=sum(p.numel() for p in assistant.parameters()),
         training_tokens=train_tokens.numel(), held_out_tokens=held_out_tokens.numel(),
         target_seconds=round(target_seconds, 1), assistant_seconds=round(assistant_seconds, 1),
-        total_seconds=round(time.perf_counter() - began, 1), held_out_perplexity=round(perplexity, 3),
+        total_seconds=round(time.perf_counter() - began, 1), cpu_seconds=round(time.process_time(), 1),
+        held_out_perplexity=round(perplexity, 3),
         python=sys.version.split()[0], torch=torch.__version__, **measured,
     )
     (staging / "training_report.json").write_text(json.dumps(report, indent=2))
