@@ -16,7 +16,7 @@ import mlx.nn as nn
 from .config import FULL, SLIDING, TextConfig
 from .decoder import TextModel
 from .errors import Gemma4Error
-from .loading import DTYPES, quantize_like_checkpoint, read_json, read_weights, resolve_model_path, weight_files
+from .loading import check_dtype, load_weights, read_json, resolve_model_path
 from .model import DERIVED_TENSORS
 
 ASSISTANT_MODEL_TYPE = "gemma4_unified_assistant"
@@ -164,22 +164,7 @@ def check_compatible(drafter: Drafter, target) -> None:
 
 def load_drafter(path_or_repo: Union[str, Path], dtype: Optional[str] = None) -> Drafter:
     """The assistant from a local folder or Hub id, Hugging Face or converted layout, quantized or not."""
-    if dtype is not None and dtype not in DTYPES:
-        raise Gemma4Error(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
+    check_dtype(dtype)
     model_path = resolve_model_path(path_or_repo)
-    config_dict = read_json(model_path / "config.json")
-    config = AssistantConfig.from_dict(config_dict)
-    drafter = Drafter(config)
-    weights = drafter.sanitize(read_weights(weight_files(model_path)))
-    if config.quantization:
-        quantize_like_checkpoint(drafter, config.quantization, weights)
-    if dtype is not None:
-        target = DTYPES[dtype]
-        weights = {k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
-    try:
-        drafter.load_weights(list(weights.items()), strict=True)
-    except ValueError as error:
-        raise Gemma4Error(f"weights in {model_path} do not fit the config: {str(error).splitlines()[0]}") from None
-    mx.eval(drafter.parameters())
-    drafter.eval()
-    return drafter
+    config = AssistantConfig.from_dict(read_json(model_path / "config.json"))
+    return load_weights(Drafter(config), model_path, config.quantization, dtype)

@@ -92,32 +92,40 @@ def quantize_like_checkpoint(model: nn.Module, quantization: dict, weights: dict
     )
 
 
-def load_model(model_path: Path, dtype: Optional[str] = None) -> Model:
-    config_dict = read_json(model_path / "config.json")
-    config = ModelConfig.from_dict(config_dict)
-    config.quantization = config_dict.get("quantization")
-    model = Model(config)
-    weights = model.sanitize(read_weights(weight_files(model_path)))
-    if config.quantization:
-        quantize_like_checkpoint(model, config.quantization, weights)
+def load_weights(module: nn.Module, model_path: Path, quantization: Optional[dict], dtype: Optional[str]):
+    """Fill `module` (a Model or a Drafter: anything with `sanitize`) from the folder's safetensors, strictly."""
+    weights = module.sanitize(read_weights(weight_files(model_path)))
+    if quantization:
+        quantize_like_checkpoint(module, quantization, weights)
     if dtype is not None:
         target = DTYPES[dtype]
         weights = {k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
     try:
-        model.load_weights(list(weights.items()), strict=True)
+        module.load_weights(list(weights.items()), strict=True)
     except ValueError as error:
         raise Gemma4Error(f"weights in {model_path} do not fit the config: {str(error).splitlines()[0]}") from None
-    mx.eval(model.parameters())
-    model.eval()
-    return model
+    mx.eval(module.parameters())
+    module.eval()
+    return module
+
+
+def check_dtype(dtype: Optional[str]):
+    if dtype is not None and dtype not in DTYPES:
+        raise Gemma4Error(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
+
+
+def load_model(model_path: Path, dtype: Optional[str] = None) -> Model:
+    config_dict = read_json(model_path / "config.json")
+    config = ModelConfig.from_dict(config_dict)
+    config.quantization = config_dict.get("quantization")
+    return load_weights(Model(config), model_path, config.quantization, dtype)
 
 
 def load(path_or_repo: Union[str, Path], dtype: Optional[str] = None):
     """`model, processor = load("google/gemma-4-12B-it")`, or a local folder; `dtype` casts floating weights."""
     from .processor import Processor
 
-    if dtype is not None and dtype not in DTYPES:
-        raise Gemma4Error(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
+    check_dtype(dtype)
     model_path = resolve_model_path(path_or_repo)
     model = load_model(model_path, dtype)
     processor = Processor.from_folder(model_path, model.config)
