@@ -22,7 +22,7 @@ import mlx.core as mx  # noqa: E402
 
 from measure import environment, log, measure, random_prompt  # noqa: E402
 from mlx_gemma4.errors import Gemma4Error  # noqa: E402
-from mlx_gemma4.loading import resolve_model_path  # noqa: E402
+from mlx_gemma4.loading import read_json, resolve_model_path  # noqa: E402
 from peers import PEERS, load_peers, ours, peer_installed  # noqa: E402
 from report import markdown, write_json  # noqa: E402
 from roofline import machine_bandwidth, roofline_fraction  # noqa: E402
@@ -80,12 +80,21 @@ class Bench:
     def __init__(self, args, results: dict, machine: dict, weight_bytes: int):
         self.args, self.results, self.machine, self.weight_bytes = args, results, machine, weight_bytes
         self.started = time.perf_counter()
+        self.our_tokens = {}
 
     def save(self):
         if self.args.json:
             write_json(self.results, Path(self.args.json))
 
     def row(self, runtime, config: str, figures: dict) -> dict:
+        """A result row; the generated tokens are compared with ours (same weights, greedy) and then dropped."""
+        tokens = figures.pop("tokens")
+        if runtime.name == "ours":
+            self.our_tokens[config] = tokens
+        elif config in self.our_tokens:
+            ours = self.our_tokens[config]
+            figures["tokens_agreeing_with_ours"] = next(
+                (i for i, (a, b) in enumerate(zip(tokens, ours)) if a != b), min(len(tokens), len(ours)))
         row = {"config": config, "runtime": runtime.name, **figures}
         row["roofline_fraction"] = roofline_fraction(self.weight_bytes, row.get("decode_tps"),
                                                      self.machine["bandwidth_gbps"])
@@ -108,7 +117,9 @@ class Bench:
                 log(f"{runtime.name}: long context {depth}")
                 prompt = random_prompt(depth, vocab_size, self.args.seed + depth)
                 try:
-                    entry.update(measure(runtime, prompt, self.args.long_context_gen_tokens, 1, warm_up=False))
+                    figures = measure(runtime, prompt, self.args.long_context_gen_tokens, 1, warm_up=False)
+                    figures.pop("tokens")
+                    entry.update(figures)
                 except (RuntimeError, ValueError, MemoryError) as error:
                     entry["skipped"] = f"failed: {str(error).splitlines()[0][:120]}"
             self.results["long_context"].append(entry)
@@ -206,7 +217,15 @@ def run_peers(bench: Bench, args, folder: Path, prompts: dict, vocab_size: int):
         bench.results["notes"].append(f"{name} is not installed: skipped")
     if args.long_context and "mlx-vlm-lm" in names:
         bench.results["notes"].append("long context: mlx-vlm-lm left out (mlx-vlm's model, mlx-lm's loop)")
-    for runtime in load_peers(names, folder):
+    runtimes = load_peers(names, folder)
+    while True:
+        try:
+            runtime = next(runtimes)
+        except StopIteration:
+            break
+        except Exception as error:  # a peer that cannot read these weights is a finding, not a crash
+            bench.results["notes"].append(f"a peer could not load the weights: {str(error).splitlines()[0][:160]}")
+            break
         bench.generation(runtime, prompts)
         if runtime.name != "mlx-vlm-lm":
             bench.long_context(runtime, vocab_size)
@@ -232,11 +251,13 @@ def main(argv=None):
     }
     bench = Bench(args, results, machine, results["weight_bytes_per_token"])
     with tempfile.TemporaryDirectory(prefix="gemma4-bench-") as scratch:
-        if args.peers and folder is None:
-            from random_model import save_converted
+        if args.peers:
+            from random_model import peer_readable_config, save_converted
 
+            if config_dict is None:
+                config_dict = peer_readable_config(read_json(folder / "config.json"), model)
             folder = Path(args.weights_dir or Path(scratch) / "weights")
-            log(f"writing the random weights for the peers to {folder}")
+            log(f"writing the weights in the converted layout for the peers to {folder}")
             save_converted(model, config_dict, folder)
         run_ours(bench, args, model, prompts, config_dict)
         del model

@@ -35,19 +35,19 @@ def cache_bytes(cache: list) -> int:
 
 
 def one_run(runtime, prompt: list, gen_tokens: int) -> dict:
+    # No mx.clear_cache() between runs: each run finds the allocator warm, as a second request to a server would.
     gc.collect()
-    mx.clear_cache()
     mx.reset_peak_memory()
     cache = runtime.make_cache()
     start = time.perf_counter()
-    count, first = 0, None
-    for _ in runtime.steps(prompt, gen_tokens, cache):
-        count += 1
-        if count == 1:
+    tokens, first = [], None
+    for step in runtime.steps(prompt, gen_tokens, cache):
+        tokens.append(int(step[0]))
+        if len(tokens) == 1:
             first = time.perf_counter()
     end = time.perf_counter()
     mx.synchronize()
-    ttft = first - start
+    ttft, count = first - start, len(tokens)
     return {
         "time_to_first_token_s": ttft,
         "prefill_tps": len(prompt) / ttft,
@@ -56,13 +56,14 @@ def one_run(runtime, prompt: list, gen_tokens: int) -> dict:
         "peak_memory_bytes": mx.get_peak_memory(),
         "process_rss_bytes": process_rss_bytes(),
         "kv_cache_bytes": cache_bytes(cache),
+        "tokens": tokens,
     }
 
 
 def summarise(runs: list) -> dict:
     """Median of each figure, with the spread (min and max) of the speeds and TTFT."""
-    summary = {}
-    for key in runs[0]:
+    summary = {"tokens": runs[0]["tokens"]}
+    for key in runs[0].keys() - {"tokens"}:
         values = [run[key] for run in runs]
         summary[key] = statistics.median(values)
         if key in ("time_to_first_token_s", "prefill_tps", "decode_tps"):

@@ -121,6 +121,26 @@ def build_random_model(shape: str, bits: int, seed: int = 0):
     return model, config
 
 
+def peer_readable_config(config: dict, model) -> dict:
+    """A checkpoint's config.json with every field the peers would otherwise default differently written out (mlx-lm's
+    gemma4 defaults to the small Gemma 4 models: kv sharing, per-layer inputs, a 4:1 layer pattern)."""
+    text = model.config.text_config
+    text_config = dict(config.get("text_config") or config)
+    text_config.update(
+        layer_types=list(text.layer_types), num_kv_shared_layers=text.num_kv_shared_layers,
+        hidden_size_per_layer_input=0, use_double_wide_mlp=text.use_double_wide_mlp, enable_moe_block=False,
+        vocab_size=text.vocab_size, final_logit_softcapping=text.final_logit_softcapping,
+    )
+    if FULL in text.layer_types:  # HF configs may give these per layer only; the peers read the global fields
+        full = text.layer_types.index(FULL)
+        text_config.update(global_head_dim=text.layer_head_dims[full],
+                           num_global_key_value_heads=text.layer_kv_heads[full])
+    readable = dict(config, text_config=text_config, vocab_size=text.vocab_size, model_type="gemma4_unified")
+    if model.config.quantization:
+        readable["quantization"] = model.config.quantization
+    return readable
+
+
 def weight_bytes_per_token(model) -> int:
     """Bytes of weights one decode step reads: the whole decoder and the (tied) LM head; the embedding lookup and
     the vision/audio projections touch next to nothing."""

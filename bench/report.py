@@ -45,8 +45,8 @@ def generation_table(rows: list) -> str:
     ratios = ratio_against_best_peer(rows)
     lines = [
         "| config | runtime | prefill tok/s | decode tok/s | TTFT ms | peak MLX GB | RSS GB | KV cache MB "
-        "| roofline | decode vs best peer |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| roofline | decode vs best peer | greedy tokens agreeing with ours |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         ttft = {k: v * 1000 for k, v in row.items() if k.startswith("time_to_first_token_s") and v is not None}
@@ -57,7 +57,8 @@ def generation_table(rows: list) -> str:
             f"| {spread(dict(ttft_row, repeats=row.get('repeats', 1)), 'time_to_first_token_ms')} "
             f"| {number(row.get('peak_memory_bytes', 0) / GB, 2)} | {number(row.get('process_rss_bytes', 0) / GB, 2)} "
             f"| {number(row.get('kv_cache_bytes', 0) / 1e6, 1)} | {percent(row.get('roofline_fraction'))} "
-            f"| {'-' if ratio is None else f'{ratio:.2f}x'} |"
+            f"| {'-' if ratio is None else f'{ratio:.2f}x'} "
+            f"| {row.get('tokens_agreeing_with_ours', '-')} of {row.get('generated_tokens', '-')} |"
         )
     return "\n".join(lines)
 
@@ -98,8 +99,9 @@ def cost_model_table(cost: dict) -> str:
 
 
 def mtp_table(rows: list) -> str:
-    lines = ["| config | draft | decode tok/s | plain decode tok/s | speedup | acceptance | tokens per target pass |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| config | draft | decode tok/s | plain decode tok/s | speedup | acceptance | tokens per target pass "
+             "| greedy tokens equal to plain |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         if "skipped" in row:
             lines.append(f"| {row['config']} | {row.get('draft', '-')} | not measured: {row['skipped']} | | | | |")
@@ -107,7 +109,8 @@ def mtp_table(rows: list) -> str:
         lines.append(
             f"| {row['config']} | {row['draft']} | {number(row['decode_tps'])} | {number(row['plain_decode_tps'])} "
             f"| {row['speedup']:.2f}x | {percent(row.get('acceptance_rate'))} "
-            f"| {number(row.get('tokens_per_target_pass'), 2)} |"
+            f"| {number(row.get('tokens_per_target_pass'), 2)} "
+            f"| {row.get('tokens_agreeing_with_ours', '-')} of {row.get('generated_tokens', '-')} |"
         )
     return "\n".join(lines)
 
