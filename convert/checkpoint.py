@@ -10,11 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlx_gemma4.errors import Gemma4Error
-from mlx_gemma4.loading import WEIGHTS_INDEX, read_json
+from mlx_gemma4.loading import read_json, weight_files
 
 UNIFIED_MODEL_TYPES = ("gemma4_unified", "gemma4_unified_text")
 ASSISTANT_MODEL_TYPE = "gemma4_unified_assistant"
-PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # A safetensors header longer than this is not a header (the format caps it at 100 MB).
 MAX_HEADER_BYTES = 100_000_000
 
@@ -54,33 +53,13 @@ def read_checkpoint(path: Path) -> Checkpoint:
             f"{path}: model_type {model_type!r} is not Gemma 4 unified "
             f"(expected one of {UNIFIED_MODEL_TYPES + (ASSISTANT_MODEL_TYPE,)})"
         )
-    checkpoint = Checkpoint(path, config, shard_files(path))
+    checkpoint = Checkpoint(path, config, weight_files(path))
     for file in checkpoint.files:
         for name, info in read_header(file).items():
             if name in checkpoint.tensors:
                 raise Gemma4Error(f"{path}: tensor {name} is stored twice ({checkpoint.tensors[name].file.name}, {file.name})")
             checkpoint.tensors[name] = info
     return checkpoint
-
-
-def shard_files(path: Path) -> list:
-    index_path = path / WEIGHTS_INDEX
-    if index_path.exists():
-        names = sorted(set(read_json(index_path).get("weight_map", {}).values()))
-        pickled = [name for name in names if name.endswith(PICKLED_SUFFIXES)]
-        if pickled:
-            raise Gemma4Error(f"{path}: {WEIGHTS_INDEX} names pickled weights ({pickled[0]}); only safetensors are read")
-        missing = [name for name in names if not (path / name).is_file()]
-        if missing:
-            raise Gemma4Error(f"{path}: shard {missing[0]} named by {WEIGHTS_INDEX} is missing")
-        files = [path / name for name in names]
-    else:
-        files = sorted(path.glob("*.safetensors"))
-    if not files:
-        pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLED_SUFFIXES)
-        hint = f" (found {pickled[0]}: pickled weights are never loaded; save them as safetensors)" if pickled else ""
-        raise Gemma4Error(f"no .safetensors weights in {path}{hint}")
-    return files
 
 
 def read_header(file: Path) -> dict:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
-WEIGHTS_INDEX = "model.safetensors.index.json"
+from mlx_gemma4.loading import WEIGHTS_INDEX
+
 SAFETENSORS_DTYPES = {
     mx.bool_: "BOOL", mx.uint8: "U8", mx.int8: "I8", mx.uint16: "U16", mx.int16: "I16", mx.uint32: "U32",
     mx.int32: "I32", mx.uint64: "U64", mx.int64: "I64", mx.float16: "F16", mx.bfloat16: "BF16", mx.float32: "F32",

@@ -14,6 +14,7 @@ from .model import Model
 WEIGHTS_INDEX = "model.safetensors.index.json"
 # What a snapshot needs: never pickled weights.
 HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
+PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
@@ -47,18 +48,21 @@ def read_json(path: Path) -> dict:
 
 
 def weight_files(model_path: Path) -> list:
+    """The safetensors files of a checkpoint: those its index names, or every one in the folder. Never pickles."""
     index_path = model_path / WEIGHTS_INDEX
     if index_path.exists():
-        index = read_json(index_path)
-        names = sorted(set(index.get("weight_map", {}).values()))
-        missing = [name for name in names if not (model_path / name).exists()]
+        names = sorted(set(read_json(index_path).get("weight_map", {}).values()))
+        pickled = [name for name in names if name.endswith(PICKLED_SUFFIXES)]
+        if pickled:
+            raise Gemma4Error(f"{model_path}: {WEIGHTS_INDEX} names pickled weights ({pickled[0]}); only safetensors are read")
+        missing = [name for name in names if not (model_path / name).is_file()]
         if missing:
             raise Gemma4Error(f"{model_path}: shard {missing[0]} named by {WEIGHTS_INDEX} is missing")
         files = [model_path / name for name in names]
     else:
         files = sorted(model_path.glob("*.safetensors"))
     if not files:
-        pickled = [p.name for p in model_path.glob("*.bin")] + [p.name for p in model_path.glob("*.pt*")]
+        pickled = sorted(p.name for p in model_path.iterdir() if p.suffix in PICKLED_SUFFIXES)
         hint = f" (found {pickled[0]}: pickled weights are never loaded; convert to safetensors)" if pickled else ""
         raise Gemma4Error(f"no .safetensors weights in {model_path}{hint}")
     return files
