@@ -13,15 +13,15 @@ from typing import Optional
 import mlx.core as mx
 
 
-class SlidingMask:
-    """A sliding layer's mask for `query_length` new tokens starting at position `offset` (`window` None: a full
-    layer's causal mask, needed as an array only when vision blocks open it up).
+class PositionMask:
+    """The mask for `query_length` new tokens starting at position `offset`: causal, within `window` on sliding
+    layers (None on full layers, which need an array mask only when vision blocks open them up).
 
     A rotating cache hands back a variable number of keys (up to window - 1 old ones plus the new ones), so the mask
     is made once the key count is known; the keys are always the most recent positions, in order.
     """
 
-    def __init__(self, offset: int, query_length: int, window: int, block_ids: Optional[mx.array] = None):
+    def __init__(self, offset: int, query_length: int, window: Optional[int], block_ids: Optional[mx.array] = None):
         self.offset = offset
         self.query_length = query_length
         self.window = window

@@ -7,7 +7,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
-from .attention_mask import SlidingMask, resolve
+from .attention_mask import PositionMask, resolve
 from .config import FULL, SLIDING, TextConfig
 
 ACTIVATIONS = {"gelu_pytorch_tanh": nn.gelu_approx, "gelu": nn.gelu}
@@ -183,8 +183,8 @@ class TextModel(nn.Module):
         if length == 1:
             # One query: every cached key is in the past, and a rotating cache holds exactly the window.
             return {FULL: None, SLIDING: None}
-        full = "causal" if block_ids is None else SlidingMask(offset, length, None, block_ids)
-        return {FULL: full, SLIDING: SlidingMask(offset, length, self.config.sliding_window, block_ids)}
+        full = "causal" if block_ids is None else PositionMask(offset, length, None, block_ids)
+        return {FULL: full, SLIDING: PositionMask(offset, length, self.config.sliding_window, block_ids)}
 
 
 class LanguageModel(nn.Module):
