@@ -12,6 +12,8 @@ from typing import Optional
 
 import mlx.core as mx
 
+VISION_TOKEN_TYPES = (1, 2)  # image, video in mm_token_type_ids (3 is audio, 0 text)
+
 
 class PositionMask:
     """The mask for `query_length` new tokens starting at position `offset`: causal, within `window` on sliding
@@ -58,8 +60,8 @@ def same_block(block_ids: mx.array, key_length: int) -> mx.array:
 
 
 def vision_block_ids(mm_token_type_ids: mx.array) -> mx.array:
-    """Number each run of vision tokens (type 1 image, 2 video) 0, 1, 2...; every other token gets -1."""
-    is_vision = (mm_token_type_ids == 1) | (mm_token_type_ids == 2)
+    """Number each run of vision tokens (image or video) 0, 1, 2...; every other token gets -1."""
+    is_vision = (mm_token_type_ids == VISION_TOKEN_TYPES[0]) | (mm_token_type_ids == VISION_TOKEN_TYPES[1])
     previous = mx.concatenate([mx.zeros_like(is_vision[..., :1]), is_vision[..., :-1]], axis=-1)
     starts = is_vision & ~previous
     group = mx.cumsum(starts.astype(mx.int32), axis=-1) - 1

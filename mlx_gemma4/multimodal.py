@@ -11,11 +11,10 @@ from typing import Optional
 import mlx.core as mx
 import numpy as np
 
-from .attention_mask import vision_block_ids
+from .attention_mask import VISION_TOKEN_TYPES, vision_block_ids
 from .errors import Gemma4Error
 
 PADDING_POSITION = -1
-VISION_TOKEN_TYPES = (1, 2)  # image, video in mm_token_type_ids (3 is audio, 0 text)
 
 
 def merge_media(
@@ -91,7 +90,7 @@ def scatter(embeddings: mx.array, placeholders: np.ndarray, features: mx.array, 
 
 
 def block_ids_for(config, mm_token_type_ids) -> Optional[mx.array]:
-    """Vision block ids for the sliding layers' mask, or None (all causal). Like the reference, blocks exist only
+    """Vision block ids for the attention masks, or None (all causal). Like the reference, blocks exist only
     when the prompt says which tokens are media (`mm_token_type_ids`) and the config asks for vision attention."""
     if mm_token_type_ids is None or config.text_config.use_bidirectional_attention != "vision":
         return None
