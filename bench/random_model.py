@@ -77,8 +77,10 @@ def random_embedding(vocab: int, hidden: int, bits: int) -> nn.Module:
     dtype = DTYPES.get(bits, mx.bfloat16)
     pieces = []
     for start in range(0, vocab, EMBEDDING_SLICE_ROWS):
-        rows = mx.random.normal((min(EMBEDDING_SLICE_ROWS, vocab - start), hidden), scale=hidden**-0.5)
-        piece = mx.quantize(rows, GROUP_SIZE, bits) if bits < 16 else (rows.astype(dtype),)
+        # Cast before quantizing: scales and biases take the input's dtype, and float32 ones would make the
+        # embedding hand float32 activations to the whole decoder (a real bf16 checkpoint converts to bf16 scales).
+        rows = mx.random.normal((min(EMBEDDING_SLICE_ROWS, vocab - start), hidden), scale=hidden**-0.5).astype(dtype)
+        piece = mx.quantize(rows, GROUP_SIZE, bits) if bits < 16 else (rows,)
         mx.eval(piece)
         pieces.append(piece)
     parts = [mx.concatenate(column) for column in zip(*pieces)]

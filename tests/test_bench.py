@@ -54,3 +54,9 @@ def test_quantized_random_model_is_built_quantized():
     assert config["quantization"]["bits"] == 4
     assert layer.mlp.gate_proj.weight.dtype == mx.uint32
     assert model.language_model.model.embed_tokens.weight.dtype == mx.uint32
+    # float32 scales anywhere would turn the residual stream float32, as no converted checkpoint does
+    from mlx.utils import tree_flatten
+
+    float_dtypes = {value.dtype for _, value in tree_flatten(model.language_model.parameters())} - {mx.uint32}
+    assert float_dtypes == {mx.bfloat16}
+    assert model(mx.array([[5, 6, 7]])).dtype == mx.bfloat16
