@@ -4,7 +4,8 @@ The peers load the very folder our random (or real) weights were written to, wit
 timed through its own fastest generation loop (all three queue the next step with `mx.async_eval`):
 - `mlx-lm`: mlx_lm.utils.load_model + mlx_lm.generate.generate_step;
 - `mlx-vlm`: mlx_vlm.utils.load_model + mlx_vlm's own generate_step (mlx_vlm.generate.ar);
-- `mlx-vlm-lm`: mlx-vlm's language model driven by mlx-lm's generate_step, the fastest mlx-vlm path we know.
+- `mlx-vlm-lm`: mlx-vlm's language model driven by mlx-lm's generate_step, the fastest mlx-vlm path we know;
+- `mlx-vlm + MTP`: mlx-vlm's generate_step with its Gemma 4 assistant drafter (draft_kind="mtp").
 """
 
 import importlib.util
@@ -106,3 +107,46 @@ def mlx_vlm_language_runtime(model) -> Runtime:
                              prefill_step_size=PREFILL_STEP_SIZE)
 
     return Runtime("mlx-vlm-lm", model, steps, language.make_cache)
+
+
+def load_mlx_vlm_drafter(folder: Path):
+    from mlx_vlm.speculative.drafters import load_drafter
+
+    drafter, kind = load_drafter(str(folder), kind="mtp")
+    assert kind == "mtp", f"mlx-vlm took the assistant for a {kind!r} drafter"
+    return drafter
+
+
+def mlx_vlm_default_draft_tokens(drafter) -> int:
+    """The drafts per round mlx-vlm runs when no block size is asked for: its block counts the bonus token too."""
+    from mlx_vlm.speculative.common import _dflash_block_total
+
+    return _dflash_block_total(drafter, None) - 1
+
+
+def mlx_vlm_mtp_runtime(model, drafter, num_draft_tokens, statistics) -> Runtime:
+    """mlx-vlm's own MTP loop, greedy. K drafts per round is its draft_block_size K + 1; None keeps the drafter's
+    configured block size (a fixed K: mlx-vlm has no adaptive schedule below it). `statistics` (a DraftStatistics)
+    gets the drafter's own round counters and the tokens the verify passes emitted."""
+    from mlx_lm.models.cache import make_prompt_cache
+    from mlx_vlm.generate.ar import generate_step
+    from mlx_vlm.speculative.common import speculative_stats_since, speculative_stats_snapshot
+
+    block_size = None if num_draft_tokens is None else num_draft_tokens + 1
+
+    def steps(prompt: list, max_tokens: int, cache: list):
+        before = speculative_stats_snapshot(drafter)
+        count = 0
+        for step in generate_step(mx.array(prompt)[None], model, None, None, max_tokens=max_tokens, temperature=0.0,
+                                  prompt_cache=cache, prefill_step_size=PREFILL_STEP_SIZE, draft_model=drafter,
+                                  draft_kind="mtp", draft_block_size=block_size):
+            count += 1
+            yield step
+        rounds, accepted, drafted = speculative_stats_since(drafter, before)
+        statistics.target_passes += rounds or 0
+        statistics.accepted += accepted or 0
+        statistics.drafted += drafted or 0
+        statistics.emitted += max(count - 1, 0)  # the first token is the prefill's
+
+    label = f"default K={mlx_vlm_default_draft_tokens(drafter)}" if num_draft_tokens is None else f"K={num_draft_tokens}"
+    return Runtime(f"mlx-vlm + MTP ({label})", model, steps, lambda: make_prompt_cache(model.language_model))
