@@ -23,6 +23,8 @@ import mlx.core as mx  # noqa: E402
 from measure import environment, log, measure, random_prompt  # noqa: E402
 from mlx_gemma4.errors import Gemma4Error  # noqa: E402
 from mlx_gemma4.loading import read_json, resolve_model_path  # noqa: E402
+from peer_mtp import (  # noqa: E402
+    NO_MLX_LM_MTP, assistant_source_config, draft_lengths, mtp_row, run_peer_mtp, save_peer_assistant)
 from peers import PEERS, load_peers, ours, peer_installed  # noqa: E402
 from report import markdown, write_json  # noqa: E402
 from roofline import machine_bandwidth, roofline_fraction  # noqa: E402
@@ -68,10 +70,6 @@ def peer_names(text: str) -> list:
     if unknown:
         raise Gemma4Error(f"unknown peer {unknown[0]!r}; choose from {', '.join(PEERS)}")
     return names
-
-
-def draft_lengths(text: str) -> list:
-    return [None if part.strip() == "adaptive" else int(part) for part in text.split(",") if part.strip()]
 
 
 class Bench:
@@ -155,7 +153,7 @@ def make_prompts(args, model) -> dict:
     return {n: ids[:n] for n in lengths}
 
 
-def run_ours(bench: Bench, args, model, prompts: dict, config_dict):
+def run_ours(bench: Bench, args, model, drafter, prompts: dict):
     bench.generation(ours(model), prompts)
     if args.image or args.audio:
         from multimodal_prompt import label, media_prompt, multimodal_runtime
@@ -164,7 +162,6 @@ def run_ours(bench: Bench, args, model, prompts: dict, config_dict):
         log(f"ours: multimodal {label(prompt)}")
         figures = measure(multimodal_runtime(model, prompt), prompt["ids"], args.gen_tokens, args.repeat)
         bench.results["multimodal"].append(bench.row(ours(model), label(prompt), figures))
-    drafter = load_drafter(args, config_dict)
     if drafter is not None:
         run_mtp(bench, args, model, drafter, prompts)
     if args.cost_model:
@@ -203,18 +200,18 @@ def run_mtp(bench: Bench, args, model, drafter, prompts: dict):
             log(f"{runtime.name}: prompt {length}")
             figures = measure(runtime, prompt, args.gen_tokens, args.repeat)
             config = f"prompt {length}"
-            row = bench.row(runtime, config, figures)
-            row.update(draft=f"{draft_name}, {'adaptive K' if k is None else f'K={k}'}",
-                       acceptance_rate=statistics.acceptance_rate, tokens_per_target_pass=statistics.tokens_per_pass,
-                       plain_decode_tps=plain.get(config), speedup=row["decode_tps"] / plain[config])
-            bench.results["mtp"].append(row)
+            draft = f"{draft_name}, {'adaptive K' if k is None else f'K={k}'}"
+            bench.results["mtp"].append(
+                mtp_row(bench, runtime, config, figures, statistics, k, draft, plain.get(config)))
             bench.save()
 
 
-def run_peers(bench: Bench, args, folder: Path, prompts: dict, vocab_size: int):
+def run_peers(bench: Bench, args, folder: Path, prompts: dict, vocab_size: int, assistant_folder=None):
     names = [name for name in peer_names(args.peers) if peer_installed(name)]
     for name in sorted(set(peer_names(args.peers)) - set(names)):
         bench.results["notes"].append(f"{name} is not installed: skipped")
+    if (args.draft_model or args.random_draft) and "mlx-lm" in names:
+        bench.results["notes"].append(NO_MLX_LM_MTP)
     if args.long_context and "mlx-vlm-lm" in names:
         bench.results["notes"].append("long context: mlx-vlm-lm left out (mlx-vlm's model, mlx-lm's loop)")
     runtimes = load_peers(names, folder)
@@ -227,6 +224,8 @@ def run_peers(bench: Bench, args, folder: Path, prompts: dict, vocab_size: int):
             bench.results["notes"].append(f"a peer could not load the weights: {str(error).splitlines()[0][:160]}")
             break
         bench.generation(runtime, prompts)
+        if runtime.name == "mlx-vlm" and assistant_folder is not None:
+            run_peer_mtp(bench, args, runtime.model, assistant_folder, prompts)
         if runtime.name != "mlx-vlm-lm":
             bench.long_context(runtime, vocab_size)
         del runtime
@@ -250,23 +249,36 @@ def main(argv=None):
         "cost_model": None, "long_context": [],
     }
     bench = Bench(args, results, machine, results["weight_bytes_per_token"])
+    drafter = load_drafter(args, config_dict)
     with tempfile.TemporaryDirectory(prefix="gemma4-bench-") as scratch:
+        assistant_folder = None
         if args.peers:
-            from random_model import peer_readable_config, save_converted
-
-            if config_dict is None:
-                config_dict = peer_readable_config(read_json(folder / "config.json"), model)
-            folder = Path(args.weights_dir or Path(scratch) / "weights")
-            log(f"writing the weights in the converted layout for the peers to {folder}")
-            save_converted(model, config_dict, folder)
-        run_ours(bench, args, model, prompts, config_dict)
-        del model
+            folder, assistant_folder = save_for_peers(args, model, drafter, config_dict, folder, Path(scratch))
+        run_ours(bench, args, model, drafter, prompts)
+        del model, drafter
         gc.collect()
         mx.clear_cache()
         if args.peers:
-            run_peers(bench, args, folder, prompts, vocab_size)
+            run_peers(bench, args, folder, prompts, vocab_size, assistant_folder)
     bench.save()
     print(markdown(results))
+
+
+def save_for_peers(args, model, drafter, config_dict, folder, scratch: Path):
+    """(target folder, assistant folder or None) in the converted layout the peers read, with every field written
+    out; the assistant only when mlx-vlm will run its MTP on it."""
+    from random_model import peer_readable_config, save_converted
+
+    target_config = config_dict or peer_readable_config(read_json(folder / "config.json"), model)
+    folder = Path(args.weights_dir or scratch / "weights")
+    log(f"writing the weights in the converted layout for the peers to {folder}")
+    save_converted(model, target_config, folder)
+    if drafter is None or "mlx-vlm" not in peer_names(args.peers) or not peer_installed("mlx-vlm"):
+        return folder, None
+    assistant_folder = folder.with_name(folder.name + "-assistant")
+    log(f"writing the assistant for mlx-vlm to {assistant_folder}")
+    save_peer_assistant(drafter, assistant_source_config(args, config_dict), assistant_folder)
+    return folder, assistant_folder
 
 
 def precision(args, model) -> str:
