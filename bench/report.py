@@ -98,21 +98,39 @@ def cost_model_table(cost: dict) -> str:
     return text
 
 
+def ours_against_peer_mtp(rows: list) -> dict:
+    """id(our row) -> our MTP decode speed over mlx-vlm's MTP at the same configuration and requested K."""
+    peer = {(row["config"], row.get("num_draft_tokens")): row["decode_tps"] for row in rows
+            if row["runtime"].startswith("mlx-vlm") and row.get("decode_tps")}
+    return {id(row): row["decode_tps"] / peer[row["config"], row.get("num_draft_tokens")] for row in rows
+            if row["runtime"].startswith("ours") and (row["config"], row.get("num_draft_tokens")) in peer}
+
+
 def mtp_table(rows: list) -> str:
-    lines = ["| config | draft | decode tok/s | plain decode tok/s | speedup | acceptance | tokens per target pass "
-             "| greedy tokens equal to plain |",
-             "|---|---|---|---|---|---|---|---|"]
+    ratios = ours_against_peer_mtp(rows)
+    lines = ["Speedup: over the same runtime's plain decode in this run. Greedy tokens: compared with our plain decode.",
+             "",
+             "| config | runtime | draft | decode tok/s | plain decode tok/s | speedup | acceptance | drafts per pass "
+             "| tokens per target pass | ours vs mlx-vlm MTP | greedy tokens agreeing with ours |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         if "skipped" in row:
-            lines.append(f"| {row['config']} | {row.get('draft', '-')} | not measured: {row['skipped']} | | | | |")
+            lines.append(f"| {row['config']} | {row.get('runtime', '-')} | {row.get('draft', '-')} "
+                         f"| not measured: {row['skipped']} | | | | | | | |")
             continue
+        ratio = ratios.get(id(row))
         lines.append(
-            f"| {row['config']} | {row['draft']} | {number(row['decode_tps'])} | {number(row['plain_decode_tps'])} "
-            f"| {row['speedup']:.2f}x | {percent(row.get('acceptance_rate'))} "
-            f"| {number(row.get('tokens_per_target_pass'), 2)} "
+            f"| {row['config']} | {row['runtime']} | {row['draft']} | {spread(row, 'decode_tps')} "
+            f"| {number(row.get('plain_decode_tps'))} | {times(row.get('speedup'))} "
+            f"| {percent(row.get('acceptance_rate'))} | {number(row.get('draft_tokens_per_pass'), 2)} "
+            f"| {number(row.get('tokens_per_target_pass'), 2)} | {times(ratio)} "
             f"| {row.get('tokens_agreeing_with_ours', '-')} of {row.get('generated_tokens', '-')} |"
         )
     return "\n".join(lines)
+
+
+def times(ratio: Optional[float]) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}x"
 
 
 def markdown(results: dict) -> str:
