@@ -1,5 +1,5 @@
-"""The benchmark runs end to end on the tiny random shape and writes valid JSON; peers read the same weights.
-Benchmarks are not tests: nothing here asserts a speed."""
+"""The benchmark runs end to end on the tiny random shape and writes valid JSON; peers read the same weights (the
+assistant too, for mlx-vlm's MTP). Benchmarks are not tests: nothing here asserts a speed."""
 
 import json
 import sys
@@ -19,19 +19,66 @@ from random_model import build_random_model, save_converted  # noqa: E402
 def results(tmp_path_factory):
     path = tmp_path_factory.mktemp("bench") / "results.json"
     bench.main(["--random", "tiny", "--bits", "32", "--prompt-tokens", "40", "--gen-tokens", "6", "--repeat", "1",
-                "--peers", "mlx-lm,mlx-vlm-lm", "--image", "9", "--audio", "0.2", "--random-draft",
+                "--peers", "mlx-lm,mlx-vlm,mlx-vlm-lm", "--image", "9", "--audio", "0.2", "--random-draft",
                 "--num-draft-tokens", "2", "--cost-model", "--long-context", "70", "--json", str(path)])
     return json.loads(path.read_text())
 
 
 def test_bench_writes_every_section_as_json(results):
     runtimes = {row["runtime"] for row in results["generation"]}
-    assert runtimes == {"ours", "mlx-lm", "mlx-vlm-lm"}
+    assert runtimes == {"ours", "mlx-lm", "mlx-vlm", "mlx-vlm-lm"}
     assert all(row["decode_tps"] > 0 and row["generated_tokens"] == 6 for row in results["generation"])
     assert results["multimodal"][0]["prefill_tps"] > 0
     assert results["mtp"][0]["tokens_per_target_pass"] >= 1
     assert len(results["cost_model"]["relative_target_cost"]) == 9
-    assert {row["runtime"] for row in results["long_context"]} == {"ours", "mlx-lm"}
+    assert {row["runtime"] for row in results["long_context"]} == {"ours", "mlx-lm", "mlx-vlm"}
+
+
+def test_mlx_vlm_mtp_runs_on_our_assistant_and_agrees_with_our_greedy_tokens(results):
+    rows = {row["runtime"]: row for row in results["mtp"]}
+    assert set(rows) == {"ours + MTP (K=2)", "mlx-vlm + MTP (K=2)"}
+    peer = rows["mlx-vlm + MTP (K=2)"]
+    plain = next(row for row in results["generation"] if row["runtime"] == "mlx-vlm")
+    assert peer["tokens_agreeing_with_ours"] == peer["generated_tokens"] == 6
+    assert peer["num_draft_tokens"] == rows["ours + MTP (K=2)"]["num_draft_tokens"] == 2
+    assert peer["plain_decode_tps"] == plain["decode_tps"]
+    assert peer["tokens_per_target_pass"] >= 1 and 0 < peer["draft_tokens_per_pass"] <= 2
+
+
+def test_missing_mlx_lm_mtp_is_noted_once(results):
+    assert sum(note.startswith("mlx-lm: no MTP") for note in results["notes"]) == 1
+
+
+def test_report_sets_our_mtp_against_mlx_vlm_at_the_same_k(results):
+    from report import markdown
+
+    ours_row = next(line for line in markdown(results).splitlines() if line.startswith("| prompt 40 | ours + MTP"))
+    ratio = results["mtp"][0]["decode_tps"] / results["mtp"][1]["decode_tps"]
+    assert f"| {ratio:.2f}x |" in ours_row
+
+
+def test_random_assistant_loads_unchanged_in_mlx_vlm(tmp_path):
+    from mlx_vlm.speculative.drafters import load_drafter
+
+    from mlx_gemma4.speculative import make_speculative_cache, store_caches
+    from peer_mtp import save_peer_assistant
+    from random_model import assistant_config_dict, build_random_assistant
+
+    model, config = build_random_model("tiny", 32, seed=5)
+    drafter = build_random_assistant(config, 32, seed=6)
+    save_peer_assistant(drafter, assistant_config_dict(config), tmp_path)
+    peer, _ = load_drafter(str(tmp_path), kind="mtp")
+    # Within the sliding window: past it, mlx-vlm's drafter masks the sliding keys its own way.
+    position = config["text_config"]["sliding_window"] - 12
+    cache = make_speculative_cache(model)
+    _, hidden = model(mx.arange(3, 3 + position)[None], cache=cache, return_hidden=True)
+    target_kv = {kind: layer_cache.keys_and_values() for kind, layer_cache in store_caches(model, cache).items()}
+    embedding = model.language_model.model.embed(mx.array([[7]]))
+    expected_logits, expected_state = drafter(embedding, hidden[:, -1:], target_kv, position)
+    peer.set_shared_kv(target_kv, position, position=position, kv_valid_len=position)
+    state, logits = peer(mx.concatenate([embedding, hidden[:, -1:]], axis=-1), target_kv, mx.array([[position]]))
+    assert mx.abs(logits - expected_logits).max().item() < 1e-4
+    assert mx.abs(state - expected_state).max().item() < 1e-4
 
 
 def test_random_model_weights_load_unchanged_in_every_runtime(tmp_path):
