@@ -91,9 +91,10 @@ def run(args) -> None:
     draft_model, draft_statistics = None, None
     if args.draft_model is not None:
         from .drafter import check_compatible, load_drafter
-        from .speculative import DraftLength, DraftStatistics
+        from .draft_policy import DraftPolicy
+        from .speculative import DraftStatistics
 
-        DraftLength(args.num_draft_tokens)
+        DraftPolicy(args.num_draft_tokens)
         draft_model, draft_statistics = load_drafter(args.draft_model), DraftStatistics()
         check_compatible(draft_model, model)
     if args.ignore_chat_template:

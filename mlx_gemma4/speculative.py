@@ -11,6 +11,7 @@ Sliding-window layers cannot use a rotating cache (it cannot be trimmed once it 
 position order with a margin for rollback and for the drafter, which reads one key more than the window.
 """
 
+import time
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -19,14 +20,9 @@ from mlx_lm.models.cache import KVCache
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_sampler
 
 from .config import SLIDING
+from .draft_policy import MAX_DRAFT_TOKENS, DraftPolicy
 from .errors import Gemma4Error
 from .generation import CLEAR_CACHE_EVERY, DEFAULT_PREFILL_STEP_SIZE, generate_step, generation_stream
-
-MAX_DRAFT_TOKENS = 16
-# The adaptive schedule of transformers' assisted generation ("heuristic"): start here, two more after a fully
-# accepted draft, one fewer after a rejection.
-INITIAL_DRAFT_TOKENS = 3
-DRAFT_GROWTH_ON_FULL_ACCEPTANCE = 2
 
 
 class SlidingWindowCache:
@@ -163,25 +159,6 @@ def make_rejection_rule(sampling_logprobs):
     return accept_sampled
 
 
-class DraftLength:
-    """A fixed K, or (None) the adaptive schedule."""
-
-    def __init__(self, fixed: Optional[int]):
-        if fixed is not None and not 1 <= fixed <= MAX_DRAFT_TOKENS:
-            raise Gemma4Error(f"num_draft_tokens must be between 1 and {MAX_DRAFT_TOKENS}")
-        self.fixed = fixed
-        self.current = fixed or INITIAL_DRAFT_TOKENS
-
-    def next(self, remaining: int) -> int:
-        # A verify pass always yields one token of the target's own: never draft past max_tokens.
-        return min(self.current, remaining - 1)
-
-    def update(self, drafted: int, accepted: int):
-        if self.fixed is None and drafted:
-            grown = self.current + DRAFT_GROWTH_ON_FULL_ACCEPTANCE
-            self.current = min(MAX_DRAFT_TOKENS, grown) if accepted == drafted else max(1, self.current - 1)
-
-
 @dataclass
 class DraftStatistics:
     drafted: int = 0  # draft tokens proposed
@@ -216,11 +193,11 @@ class Round:
     hidden: mx.array
 
 
-def draft(drafter, embed, token: int, hidden: mx.array, target_kv: dict, position: int, k: int, sampling_logprobs):
+def draft(drafter, embed, token: mx.array, hidden: mx.array, target_kv: dict, position: int, k: int, sampling_logprobs):
     """k tokens chained from one position: each step feeds the drafter its own projected state and the target's
     embedding of the token it just proposed. Returns the tokens (each (1, 1)) and, when sampling, their
     distributions."""
-    current, state, tokens, distributions = mx.array([[token]]), hidden, [], []
+    current, state, tokens, distributions = token, hidden, [], []
     for _ in range(k):
         logits, state = drafter(embed(current), state, target_kv, position)
         if sampling_logprobs is None:
@@ -248,8 +225,10 @@ def speculative_generate_step(
     statistics: Optional[DraftStatistics] = None,
     **model_inputs,
 ) -> Iterator[tuple]:
-    """Yields (token, logprobs, from_draft) for `prompt`; the prefill (media included) is generate_step's own."""
-    draft_length = DraftLength(num_draft_tokens)
+    """Yields (token, logprobs, from_draft) for `prompt`; the prefill (media included) is generate_step's own.
+    `num_draft_tokens` fixes K; None lets draft_policy.DraftPolicy pick it from measured acceptance and round
+    times."""
+    policy = DraftPolicy(num_draft_tokens)
     statistics = statistics if statistics is not None else DraftStatistics()
     cache = make_speculative_cache(model) if prompt_cache is None else prompt_cache
     if not all(isinstance(c, (KVCache, SlidingWindowCache)) for c in cache):
@@ -260,13 +239,16 @@ def speculative_generate_step(
     accept = accept_greedy if temp == 0 else make_rejection_rule(sampling_logprobs)
     vocab_size = model.config.text_config.vocab_size
 
-    def start_round(token: int, hidden: mx.array, k: int) -> Round:
-        """Draft k tokens and verify them in one target pass; all queued, nothing waited for."""
+    def start_round(token: mx.array, hidden: mx.array, k: int) -> Round:
+        """Draft k tokens after `token` ((1, 1)) and verify them in one target pass; all queued, nothing waited
+        for. k = 0 is a plain decoding step."""
         with mx.stream(generation_stream):
             target_kv = {kind: c.keys_and_values() for kind, c in stores.items()}
             drafts, distributions = draft(drafter, embed, token, hidden, target_kv, cache[0].offset, k,
                                           sampling_logprobs)
-            verify_ids = mx.concatenate([mx.array([[token]])] + drafts, axis=1)
+            if drafts:
+                mx.async_eval(drafts)  # the assistant runs while the verify pass is being built
+            verify_ids = mx.concatenate([token] + drafts, axis=1)
             logits, hidden = model(verify_ids, cache=cache, return_hidden=True)
             logits = logits[0]
             distributions = mx.concatenate(distributions) if distributions else mx.zeros((0, vocab_size))
@@ -282,23 +264,32 @@ def speculative_generate_step(
                                          prefill_step_size=prefill_step_size, prompt_cache=cache, **model_inputs))
     yield token, logprobs, False
     produced = 1
-    step = start_round(token, recorder.last_hidden, draft_length.next(max_tokens - 1)) if max_tokens > 1 else None
+    clock = time.perf_counter()
+    first = mx.array([[token]])
+    step = start_round(first, recorder.last_hidden, policy.next(max_tokens - 1)) if max_tokens > 1 else None
     while step is not None:
+        queued = None
+        if step.k == 0 and max_tokens - produced > 1:
+            # A plain step rolls nothing back, so the next round can be queued on its still-lazy token before
+            # this one is waited for, as generate_step pipelines.
+            queued = start_round(step.fallback[None, :1], step.hidden, policy.next(max_tokens - produced - 1))
         # Keep the drafts up to the first rejected one, then the target's own token there.
         count = (step.accepted.tolist() + [False]).index(False)
         tokens = (step.drafts.tolist()[:count] + [step.fallback[count].item()])[: max_tokens - produced]
+        now = time.perf_counter()
+        policy.record(step.k, count, now - clock)
+        clock = now
         # Roll back exactly the rejected drafts: the caches then end at the last kept token's position.
         for layer_cache in cache:
             layer_cache.trim(step.k - count)
         statistics.drafted += step.k
         statistics.target_passes += 1
         statistics.emitted += len(tokens)
-        draft_length.update(step.k, count)
         remaining = max_tokens - produced - len(tokens)
         # Queue the next round before handing out this one's tokens: it runs while the caller works.
-        queued = None
-        if remaining:
-            queued = start_round(tokens[-1], step.hidden[:, count : count + 1], draft_length.next(remaining))
+        if remaining and queued is None:
+            queued = start_round(mx.array([[tokens[-1]]]), step.hidden[:, count : count + 1],
+                                 policy.next(remaining))
         for index, token in enumerate(tokens):
             statistics.accepted += index < count
             yield token, step.logprobs[index], index < count
@@ -315,5 +306,5 @@ def speculative_steps(prompt: mx.array, model, drafter, *, sampler=None, **optio
     if sampler is not None:
         raise Gemma4Error("speculative decoding samples with temp/top_p/top_k/min_p; a custom sampler cannot be used")
     check_compatible(drafter, model)
-    DraftLength(options.get("num_draft_tokens"))
+    DraftPolicy(options.get("num_draft_tokens"))
     return speculative_generate_step(prompt, model, drafter, **options)

@@ -6,6 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from mlx_gemma4.draft_policy import DraftPolicy
 from mlx_gemma4.drafter import load_drafter
 from mlx_gemma4.errors import Gemma4Error
 from mlx_gemma4.generation import stream_generate
@@ -101,6 +102,27 @@ def test_an_always_wrong_drafter_is_never_accepted_and_matches(pair):
     assert tokens == plain
     assert statistics.accepted == 0 and not any(from_draft)
     assert statistics.target_passes == GENERATED - 1
+
+
+def test_the_adaptive_length_sets_an_always_wrong_drafter_aside(pair, monkeypatch):
+    model, processor, drafter, plain = pair
+    wrong = ScriptedDrafter(drafter, PROMPT + plain, wrong=True)
+    # Round times from a cost curve rather than this busy machine's clock: the choice is then reproducible.
+    record = DraftPolicy.record
+    monkeypatch.setattr(DraftPolicy, "record", lambda self, drafted, accepted, seconds=None: record(
+        self, drafted, accepted, 1 + 0.3 * drafted))
+    tokens, _, statistics = speculative_tokens(model, processor, wrong, max_tokens=3 * GENERATED)
+    assert tokens == plain + tokens[GENERATED:] and len(tokens) == 3 * GENERATED
+    # Trying K = 1 and K = 0 costs a few drafts; after that only the periodic probes draft.
+    assert statistics.drafted < GENERATED // 3
+
+
+def test_plain_rounds_chain_on_the_lazy_token_and_match_greedy(pair, monkeypatch):
+    model, processor, drafter, plain = pair
+    monkeypatch.setattr(DraftPolicy, "next", lambda self, remaining: 0)
+    tokens, from_draft, statistics = speculative_tokens(model, processor, drafter)
+    assert tokens == plain and not any(from_draft)
+    assert statistics.drafted == 0 and statistics.target_passes == GENERATED - 1
 
 
 def test_generation_stops_exactly_at_max_tokens_inside_an_accepted_run(pair):
@@ -229,6 +251,19 @@ def test_speculative_sampling_follows_the_targets_filtered_distribution(pair):
     first_probability = {token: sum(p for (t, _), p in exact.items() if t == token) for token in first}
     blind = {(t, s): first_probability[t] * float(draft[s]) for t in first for s in candidates if float(draft[s]) > 0}
     assert total_variation({k: v * RUNS for k, v in blind.items()}, exact) > 2 * TV_BOUND
+
+
+def test_plain_rounds_sample_the_targets_filtered_distribution(pair, monkeypatch):
+    model, _, drafter, _ = pair
+    monkeypatch.setattr(DraftPolicy, "next", lambda self, remaining: 0)
+    exact = exact_two_token_distribution(model, make_filter(SAMPLING["temp"], 0.0, SAMPLING["top_k"], 0.0))
+    mx.random.seed(0)
+    counts = {}
+    for _ in range(RUNS):
+        steps = list(speculative_generate_step(mx.array(PROMPT), model, drafter, max_tokens=2, **SAMPLING))
+        tokens = tuple(step[0] for step in steps)
+        counts[tokens] = counts.get(tokens, 0) + 1
+    assert total_variation(counts, exact) < TV_BOUND
 
 
 def test_sliding_window_cache_hands_out_the_window_after_appends_compactions_and_trims():
