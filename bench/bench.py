@@ -5,7 +5,9 @@
         --cost-model --random-draft --long-context 32768,131072 --json h100.json
 
 Each configuration is run once to compile its shapes, then --repeat times; the table shows medians with the
-(min-max) spread. Peers load the folder our weights were written to (a temporary one for --random).
+(min-max) spread. Peers load the folder our weights were written to (a temporary one for --random). With a drafter
+(--draft-model or --random-draft), mlx-vlm among the peers also runs its own MTP loop on the same assistant at the
+same --num-draft-tokens (bench/peer_mtp.py).
 """
 
 import argparse
