@@ -3,9 +3,10 @@
     python bench/decode_profile.py --weights FOLDER   (a folder bench.py --keep-weights wrote)
 
 A 12B decode step at 4 bits reads ~7 GB; at H100 bandwidth that is ~2 ms, yet a step takes ~15 ms: the step is
-bound by the ~27 kernels each of 48 layers launches, not by memory. The variants below cut launches, cumulatively,
-to measure what each saves before anyone changes decoder.py: gate and up projections in one quantized matmul; q, k
-and v in one; the residual tails (norm, add, layer scalar) compiled into fewer kernels.
+bound by the ~25 kernels each of 48 layers launches and by the quantized matmul kernels, not by memory. The variant
+below cuts launches further, to measure what it saves before anyone changes decoder.py: the residual tails (norm,
+add, layer scalar) compiled into fewer kernels. (Fusing gate and up, which load_model now does, measured 3% faster;
+fusing q, k and v 11% slower: results/h100-decode-profile.md.)
 """
 
 import argparse
@@ -15,7 +16,6 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 
 from mlx_gemma4 import decoder
 
@@ -51,59 +51,6 @@ def pipelined_ms(model, steps: int) -> float:
         token = following
     token.item()
     return 1000 * (time.perf_counter() - start) / steps
-
-
-def stacked(linears: list) -> nn.Module:
-    """One quantized (or plain) linear whose output rows are the given linears' rows in order: affine groups run
-    along the input, so stacking rows keeps every group intact."""
-    first = linears[0]
-    if isinstance(first, nn.QuantizedLinear):
-        fused = nn.QuantizedLinear(first.group_size, 1, bias=False, group_size=first.group_size, bits=first.bits)
-        fused.weight = mx.concatenate([l.weight for l in linears])
-        fused.scales = mx.concatenate([l.scales for l in linears])
-        fused.biases = mx.concatenate([l.biases for l in linears])
-        return fused
-    fused = nn.Linear(1, 1, bias=False)
-    fused.weight = mx.concatenate([l.weight for l in linears])
-    return fused
-
-
-def fuse_mlp(model):
-    for layer in model.language_model.model.layers:
-        mlp = layer.mlp
-        mlp.gate_up = stacked([mlp.gate_proj, mlp.up_proj])
-        mlp.width = mlp.gate_proj.weight.shape[0]
-
-    def fused_call(self, x):
-        gate, up = mx.split(self.gate_up(x), [self.width], axis=-1)
-        return self.down_proj(self.activation(gate) * up)
-
-    decoder.MLP.__call__ = fused_call
-
-
-def fuse_attention(model):
-    for layer in model.language_model.model.layers:
-        attention = layer.self_attn
-        parts = [attention.q_proj, attention.k_proj] + ([] if attention.keys_are_values else [attention.v_proj])
-        attention.qkv = stacked(parts)
-        attention.splits = list(mx.cumsum(mx.array([p.weight.shape[0] for p in parts[:-1]])).tolist())
-
-    def fused_call(self, x, mask, cache, offset, shared_kv):
-        batch, length, _ = x.shape
-        pieces = mx.split(self.qkv(x), self.splits, axis=-1)
-        queries = self.q_norm(pieces[0].reshape(batch, length, -1, self.head_dim))
-        queries = self.rope(queries.transpose(0, 2, 1, 3), offset)
-        raw_keys = pieces[1].reshape(batch, length, -1, self.head_dim)
-        raw_values = raw_keys if self.keys_are_values else pieces[2].reshape(batch, length, -1, self.head_dim)
-        keys = self.rope(self.k_norm(raw_keys).transpose(0, 2, 1, 3), offset)
-        values = decoder.rms_norm_without_scale(raw_values, self.eps).transpose(0, 2, 1, 3)
-        if cache is not None:
-            keys, values = cache.update_and_fetch(keys, values)
-        output = mx.fast.scaled_dot_product_attention(
-            queries, keys, values, scale=1.0, mask=decoder.resolve(mask, keys.shape[2]))
-        return self.o_proj(output.transpose(0, 2, 1, 3).reshape(batch, length, -1))
-
-    decoder.Attention.__call__ = fused_call
 
 
 @mx.compile
@@ -153,13 +100,9 @@ def main(argv=None):
     del peer
     mx.clear_cache()
     model = load_model(folder)
-    measure("ours", model)
-    fuse_mlp(model)
-    measure("ours + fused gate/up", model)
-    fuse_attention(model)
-    measure("ours + fused gate/up + fused qkv", model)
+    measure("ours (gate/up fused at load)", model)
     compile_residuals(model)
-    measure("ours + fused projections + compiled residuals", model)
+    measure("ours + compiled residuals", model)
     print("| runtime | ms per step, synchronous | ms per step, pipelined | tok/s pipelined | max logit difference |")
     print("|---|---|---|---|---|")
     for name, sync, pipelined, difference in rows:

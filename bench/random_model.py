@@ -14,6 +14,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from mlx_gemma4.config import FULL, SLIDING, ModelConfig
+from mlx_gemma4.decoder import checkpoint_weights, fuse_projections
 from mlx_gemma4.errors import Gemma4Error
 from mlx_gemma4.model import Model
 
@@ -119,6 +120,7 @@ def build_random_model(shape: str, bits: int, seed: int = 0):
         if hasattr(model, name):
             getattr(model, name).set_dtype(DTYPES.get(bits, mx.bfloat16))
     mx.eval(model.parameters())
+    fuse_projections(model)  # as load_model does: the benchmark times the model users load
     model.eval()
     return model, config
 
@@ -154,11 +156,12 @@ def parameter_bytes(model) -> int:
 
 
 def save_converted(model, config: dict, folder: Path, shard_bytes: int = 2 << 30):
-    """Write the weights in the converted-MLX layout (`language_model.model.*`, ...) with config.json and an index,
-    the folder mlx-lm's and mlx-vlm's loaders read, so the peers run on exactly these weights."""
+    """Write the weights in the converted-MLX layout (`language_model.model.*`, ..., gate and up projections apart)
+    with config.json and an index: the folder mlx-lm's and mlx-vlm's loaders read, so the peers run on exactly these
+    weights."""
     folder.mkdir(parents=True, exist_ok=True)
     shards, current, size = [], {}, 0
-    for name, value in tree_flatten(model.parameters()):
+    for name, value in checkpoint_weights(model).items():
         if size + value.nbytes > shard_bytes and current:
             shards.append(current)
             current, size = {}, 0
@@ -221,5 +224,6 @@ def build_random_assistant(target_config: dict, bits: int, seed: int = 1):
         else:
             finish_module(module, bits)
     mx.eval(drafter.parameters())
+    fuse_projections(drafter)
     drafter.eval()
     return drafter

@@ -1,16 +1,18 @@
 """The Gemma 4 unified text decoder, as `Gemma4UnifiedTextModel` / `Gemma4UnifiedForCausalLM` compute it."""
 
+from functools import partial
 from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from .attention_mask import PositionMask, resolve
 from .config import FULL, SLIDING, TextConfig
+from .errors import Gemma4Error
 
-ACTIVATIONS = {"gelu_pytorch_tanh": nn.gelu_approx, "gelu": nn.gelu}
 
 
 class RMSNorm(nn.Module):
@@ -114,10 +116,92 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, width, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, width, bias=False)
         self.down_proj = nn.Linear(width, config.hidden_size, bias=False)
-        self.activation = ACTIVATIONS[config.hidden_activation]
+        self.gated = gated_activation(config.hidden_activation)
 
     def __call__(self, x):
-        return self.down_proj(self.activation(self.gate_proj(x)) * self.up_proj(x))
+        if "gate_up" in self:
+            gate, up = mx.split(self.gate_up(x), [self.gate_rows], axis=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(self.gated(gate, up))
+
+    def fuse_gate_and_up(self):
+        """One matmul for both input projections, when they are stored alike: each output row is its own dot
+        product, so stacking the rows computes exactly what two matmuls compute, while a decoding step launches one
+        kernel and reads the input once. The parameter tree then holds `gate_up`; `unfused_weights` gives the
+        checkpoint's names back."""
+        stacked = stack_rows(self.gate_proj, self.up_proj) if "gate_proj" in self else None
+        if stacked is not None:
+            self.gate_rows = self.gate_proj.weight.shape[0]
+            self.gate_up = stacked
+            self.pop("gate_proj")
+            self.pop("up_proj")
+
+    def unfused_weights(self) -> dict:
+        """{"gate_proj.weight": ..., "up_proj.scales": ...}: the fused projection split back into the two."""
+        if "gate_up" not in self:
+            return {}
+        return {f"{name}.{key}": halves[index] for key, value in self.gate_up.parameters().items()
+                for halves in [mx.split(value, [self.gate_rows])]
+                for index, name in enumerate(("gate_proj", "up_proj"))}
+
+
+def fuse_projections(module: nn.Module):
+    """Fuse every MLP's gate and up projections in `module` (a loaded model or drafter), one layer at a time so
+    that each layer's separate weights are freed before the next is stacked."""
+    for _, child in module.named_modules():
+        if isinstance(child, MLP):
+            child.fuse_gate_and_up()
+            mx.eval(child.parameters())
+
+
+def checkpoint_weights(module: nn.Module) -> dict:
+    """{name: array} under the checkpoint's names (fused projections split back), for writing weights out."""
+    weights = dict(tree_flatten(module.parameters()))
+    for path, child in module.named_modules():
+        if isinstance(child, MLP) and "gate_up" in child:
+            weights = {name: value for name, value in weights.items() if not name.startswith(f"{path}.gate_up.")}
+            weights.update({f"{path}.{name}": value for name, value in child.unfused_weights().items()})
+    return weights
+
+
+@partial(mx.compile, shapeless=True)
+def gelu_tanh_gate(gate, up):
+    return nn.gelu_approx(gate) * up
+
+
+@partial(mx.compile, shapeless=True)
+def gelu_gate(gate, up):
+    return nn.gelu(gate) * up
+
+
+GATED_ACTIVATIONS = {"gelu_pytorch_tanh": gelu_tanh_gate, "gelu": gelu_gate}
+
+
+def gated_activation(name: str):
+    """activation(gate) * up as one compiled kernel instead of two."""
+    if name not in GATED_ACTIVATIONS:
+        raise Gemma4Error(f"unsupported hidden_activation {name!r}; expected one of {', '.join(GATED_ACTIVATIONS)}")
+    return GATED_ACTIVATIONS[name]
+
+
+def stack_rows(first: nn.Module, second: nn.Module) -> Optional[nn.Module]:
+    """A linear layer whose output rows are `first`'s then `second`'s, or None when they cannot share one: different
+    quantization (a mixed recipe), or a bias. Affine quantization groups run along the input, so stacking rows keeps
+    every group intact."""
+    if type(first) is not type(second) or "bias" in first or "bias" in second:
+        return None
+    if isinstance(first, nn.QuantizedLinear):
+        if (first.bits, first.group_size, first.mode) != (second.bits, second.group_size, second.mode):
+            return None
+        stacked = nn.QuantizedLinear(first.group_size, 1, bias=False, group_size=first.group_size,
+                                     bits=first.bits, mode=first.mode)
+    elif isinstance(first, nn.Linear):
+        stacked = nn.Linear(1, 1, bias=False)
+    else:
+        return None
+    stacked.update({key: mx.concatenate([first[key], second[key]]) for key in first.parameters()})
+    return stacked
 
 
 class DecoderLayer(nn.Module):

@@ -8,6 +8,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ModelConfig
+from .decoder import fuse_projections
 from .errors import Gemma4Error
 from .model import Model
 
@@ -109,6 +110,7 @@ def load_weights(module: nn.Module, model_path: Path, quantization: Optional[dic
     except ValueError as error:
         raise Gemma4Error(f"weights in {model_path} do not fit the config: {str(error).splitlines()[0]}") from None
     mx.eval(module.parameters())
+    fuse_projections(module)
     module.eval()
     return module
 

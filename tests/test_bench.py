@@ -99,7 +99,7 @@ def test_quantized_random_model_is_built_quantized():
     model, config = build_random_model("tiny", 4)
     layer = model.language_model.model.layers[0]
     assert config["quantization"]["bits"] == 4
-    assert layer.mlp.gate_proj.weight.dtype == mx.uint32
+    assert layer.mlp.gate_up.weight.dtype == mx.uint32
     assert model.language_model.model.embed_tokens.weight.dtype == mx.uint32
     # float32 scales anywhere would turn the residual stream float32, as no converted checkpoint does
     from mlx.utils import tree_flatten

@@ -1,7 +1,6 @@
 """Generation: greedy output equals transformers' greedy generate; sampling, stopping and streaming behave."""
 
 import mlx.core as mx
-import numpy as np
 import pytest
 import torch
 

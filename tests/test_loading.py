@@ -8,8 +8,11 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 
+from mlx_gemma4.config import ModelConfig
+from mlx_gemma4.decoder import checkpoint_weights
 from mlx_gemma4.errors import Gemma4Error
-from mlx_gemma4.loading import load, load_model
+from mlx_gemma4.loading import load, load_model, read_weights, weight_files
+from mlx_gemma4.model import Model
 from reference_models import reference_logits, save_reference_checkpoint
 
 
@@ -42,7 +45,7 @@ def test_converted_names_load_like_hugging_face_names(checkpoint, tmp_path):
     folder, reference = checkpoint
     model = load_model(folder)
     shutil.copy(folder / "config.json", tmp_path)
-    mx.save_safetensors(str(tmp_path / "model.safetensors"), dict(nn.utils.tree_flatten(model.parameters())))
+    mx.save_safetensors(str(tmp_path / "model.safetensors"), checkpoint_weights(model))
     again = load_model(tmp_path)
     assert np.array_equal(np.array(again(mx.array(IDS))), np.array(model(mx.array(IDS))))
 
@@ -60,15 +63,49 @@ def test_quantized_checkpoint_loads_with_its_quantization_block(tmp_path):
     save_reference_checkpoint(source, dict(hidden_size=64, intermediate_size=96), vision=False, audio=False)
     model = load_model(source)
     # Keep the test tiny: quantize the MLP inputs only (MLX's CPU quantized kernels are slow).
-    nn.quantize(model, group_size=32, bits=8, class_predicate=lambda path, module: path.endswith(("gate_proj", "up_proj")))
+    nn.quantize(model, group_size=32, bits=8, class_predicate=lambda path, module: path.endswith("gate_up"))
     expected = np.array(model(mx.array(IDS)))
     config = json.loads((source / "config.json").read_text())
     config["quantization"] = {"group_size": 32, "bits": 8, "mode": "affine"}
     (tmp_path / "config.json").write_text(json.dumps(config))
+    mx.save_safetensors(str(tmp_path / "model.safetensors"), checkpoint_weights(model))
+    again = load_model(tmp_path)
+    assert isinstance(again.language_model.model.layers[0].mlp.gate_up, nn.QuantizedLinear)
+    assert isinstance(again.language_model.model.layers[0].mlp.down_proj, nn.Linear)
+    assert np.array_equal(np.array(again(mx.array(IDS))), expected)
+
+
+def unfused_model(folder):
+    """The checkpoint in a Model as built, gate and up projections apart."""
+    model = Model(ModelConfig.from_dict(json.loads((folder / "config.json").read_text())))
+    model.load_weights(list(model.sanitize(read_weights(weight_files(folder))).items()))
+    return model
+
+
+def test_gate_and_up_projections_run_as_one_matmul_with_the_same_logits(checkpoint):
+    folder, _ = checkpoint
+    model = load_model(folder)
+    assert all("gate_up" in layer.mlp and "gate_proj" not in layer.mlp for layer in model.language_model.model.layers)
+    fused, apart = model(mx.array(IDS)), unfused_model(folder)(mx.array(IDS))
+    assert mx.abs(fused - apart).max().item() <= 1e-6 * mx.abs(apart).max().item()
+
+
+def test_a_mixed_recipe_keeps_differently_quantized_gate_and_up_apart(tmp_path):
+    source = tmp_path / "source"
+    save_reference_checkpoint(source, dict(hidden_size=64, intermediate_size=96), vision=False, audio=False)
+    model = unfused_model(source)
+    up = "language_model.model.layers.0.mlp.up_proj"
+    nn.quantize(model, group_size=32, bits=4, class_predicate=lambda path, module: (
+        {"group_size": 32, "bits": 8} if path == up else path.endswith("gate_proj")))
+    expected = np.array(model(mx.array(IDS)))
+    config = json.loads((source / "config.json").read_text())
+    config["quantization"] = {"group_size": 32, "bits": 4, "mode": "affine", up: {"group_size": 32, "bits": 8}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
     mx.save_safetensors(str(tmp_path / "model.safetensors"), dict(nn.utils.tree_flatten(model.parameters())))
     again = load_model(tmp_path)
-    assert isinstance(again.language_model.model.layers[0].mlp.gate_proj, nn.QuantizedLinear)
-    assert isinstance(again.language_model.model.layers[0].mlp.down_proj, nn.Linear)
+    layers = again.language_model.model.layers
+    assert "gate_proj" in layers[0].mlp and layers[0].mlp.up_proj.bits == 8
+    assert "gate_up" not in layers[1].mlp  # float up beside a quantized gate: kept apart too
     assert np.array_equal(np.array(again(mx.array(IDS))), expected)
 
 
