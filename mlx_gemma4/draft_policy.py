@@ -5,15 +5,19 @@ The adaptive policy picks the K that maximises expected tokens per second of wal
   before it were. Measured per position because an assistant that chains its own guesses is good at the first and
   much worse after it: a single rate would overrate long drafts.
 - seconds(K) is the measured time of a round of K drafts here: K assistant steps, a (K + 1)-token verify pass and
-  the loop's own overhead. How a verify pass's cost grows with its length depends on the backend and the model
-  (near flat on a GPU at 12B, near linear on a CPU), so it is measured, not assumed.
+  the loop's own overhead. How a verify pass's cost grows with its length depends on the backend and the model (at
+  the 12B shape on an H100, 2 tokens cost 1.5 one-token passes; on a CPU it grows near linearly), so it is
+  measured, not assumed.
 K = 0 is a plain decoding step: an assistant that does not pay for itself is set aside.
 
 The search climbs from INITIAL_DRAFT_TOKENS: every length next to the best one measured so far is tried for two
 rounds, so it settles on the measured optimum rather than a schedule's guess. Only a round that follows one of the
 same length is timed: the first round at a new length may compile its shapes, and when the length changes the
-rounds overlap in the pipeline differently (a plain step's successor is queued before the step is waited for). Every PROBE_INTERVAL rounds it runs one round at a neighbouring length, so times and acceptance
-stay current as the context grows or the text changes (and a set-aside assistant gets to show it pays again).
+rounds overlap in the pipeline differently (a plain step's successor is queued before the step is waited for).
+Now and then it runs one round at a neighbouring length, so times and acceptance stay current as the context grows
+or the text changes, and a set-aside assistant gets to show it pays again: after PROBE_INTERVAL rounds at first,
+twice as long after each probe that left the best length where it was (up to MAX_PROBE_INTERVAL), so a settled
+choice costs next to nothing.
 """
 
 import statistics
@@ -24,7 +28,7 @@ from .errors import Gemma4Error
 
 MAX_DRAFT_TOKENS = 16
 INITIAL_DRAFT_TOKENS = 1
-PROBE_INTERVAL = 16
+PROBE_INTERVAL, MAX_PROBE_INTERVAL = 16, 256
 # Weight the acceptance estimate gives to what came before each new observation (about the last 50 rounds count).
 ACCEPTANCE_MEMORY = 0.98
 # A length's round time is the median of its last few rounds: one slow round (a pause, a new kernel) is ignored.
@@ -73,7 +77,8 @@ class DraftPolicy:
         self.round_times = {}  # K -> its last few round times
         self.previous = None  # K of the last round
         self.current = fixed or INITIAL_DRAFT_TOKENS
-        self.rounds = 0
+        self.rounds = self.probes = 0
+        self.probe_interval, self.next_probe, self.best_at_last_probe = PROBE_INTERVAL, PROBE_INTERVAL, None
 
     def next(self, remaining: int) -> int:
         """K for the next round; a verify pass always adds one token of the target's own, so never draft past
@@ -103,6 +108,10 @@ class DraftPolicy:
         unmeasured = [k for k in neighbours if k not in self.round_times]
         if unmeasured:
             return unmeasured[0]
-        if self.rounds % PROBE_INTERVAL == 0:
-            return neighbours[(self.rounds // PROBE_INTERVAL) % len(neighbours)]
+        if self.rounds >= self.next_probe:
+            unchanged = best == self.best_at_last_probe
+            self.probe_interval = min(2 * self.probe_interval, MAX_PROBE_INTERVAL) if unchanged else PROBE_INTERVAL
+            self.best_at_last_probe, self.next_probe = best, self.rounds + self.probe_interval
+            self.probes += 1
+            return neighbours[self.probes % len(neighbours)]
         return best
