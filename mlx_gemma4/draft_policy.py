@@ -10,11 +10,11 @@ The adaptive policy picks the K that maximises expected tokens per second of wal
   measured, not assumed.
 K = 0 is a plain decoding step: an assistant that does not pay for itself is set aside.
 
-The search climbs from INITIAL_DRAFT_TOKENS: every length next to the best one measured so far is tried for two
+The search climbs from INITIAL_DRAFT_TOKENS: every length next to the best one measured so far is tried for a few
 rounds, so it settles on the measured optimum rather than a schedule's guess. Only a round that follows one of the
 same length is timed: the first round at a new length may compile its shapes, and when the length changes the
 rounds overlap in the pipeline differently (a plain step's successor is queued before the step is waited for).
-Now and then it runs one round at a neighbouring length, so times and acceptance stay current as the context grows
+Now and then it runs a few rounds at a neighbouring length, so times and acceptance stay current as the context grows
 or the text changes, and a set-aside assistant gets to show it pays again: after PROBE_INTERVAL rounds at first,
 twice as long after each probe that left the best length where it was (up to MAX_PROBE_INTERVAL), so a settled
 choice costs next to nothing.
@@ -32,7 +32,8 @@ PROBE_INTERVAL, MAX_PROBE_INTERVAL = 16, 256
 # Weight the acceptance estimate gives to what came before each new observation (about the last 50 rounds count).
 ACCEPTANCE_MEMORY = 0.98
 # A length's round time is the median of its last few rounds: one slow round (a pause, a new kernel) is ignored.
-TIMED_ROUNDS_KEPT = 5
+# It is trusted once TIMED_ROUNDS_NEEDED rounds were timed, and a probe runs that many timed rounds too.
+TIMED_ROUNDS_KEPT, TIMED_ROUNDS_NEEDED = 5, 2
 # The first position starts from an even chance; a later one from the rate of the position before it, worth two
 # observations, since chained guesses are rarely better than the guess they extend.
 FIRST_PRIOR, PRIOR_WEIGHT = 0.5, 2.0
@@ -77,8 +78,12 @@ class DraftPolicy:
         self.round_times = {}  # K -> its last few round times
         self.previous = None  # K of the last round
         self.current = fixed or INITIAL_DRAFT_TOKENS
-        self.rounds = self.probes = 0
+        self.rounds = self.probes = self.probe_rounds_left = 0
         self.probe_interval, self.next_probe, self.best_at_last_probe = PROBE_INTERVAL, PROBE_INTERVAL, None
+
+    def begin(self):
+        """A new generation: what was learned stays, but its first round follows a prefill, not a round."""
+        self.previous = None
 
     def next(self, remaining: int) -> int:
         """K for the next round; a verify pass always adds one token of the target's own, so never draft past
@@ -100,12 +105,19 @@ class DraftPolicy:
     def tokens_per_second(self, drafts: int) -> float:
         return self.acceptance.expected_tokens(drafts) / statistics.median(self.round_times[drafts])
 
+    def timed(self, drafts: int) -> int:
+        return len(self.round_times.get(drafts, ()))
+
     def choose(self) -> int:
-        if self.current not in self.round_times:
+        if self.timed(self.current) < TIMED_ROUNDS_NEEDED:
             return self.current  # still measuring this length
-        best = max(self.round_times, key=self.tokens_per_second)
+        if self.probe_rounds_left:
+            self.probe_rounds_left -= 1
+            return self.current
+        measured = [k for k in self.round_times if self.timed(k) >= TIMED_ROUNDS_NEEDED]
+        best = max(measured, key=self.tokens_per_second)
         neighbours = [k for k in (best - 1, best + 1) if 0 <= k <= MAX_DRAFT_TOKENS]
-        unmeasured = [k for k in neighbours if k not in self.round_times]
+        unmeasured = [k for k in neighbours if k not in measured]
         if unmeasured:
             return unmeasured[0]
         if self.rounds >= self.next_probe:
@@ -113,5 +125,7 @@ class DraftPolicy:
             self.probe_interval = min(2 * self.probe_interval, MAX_PROBE_INTERVAL) if unchanged else PROBE_INTERVAL
             self.best_at_last_probe, self.next_probe = best, self.rounds + self.probe_interval
             self.probes += 1
+            # The round that changes length is not timed: stay for TIMED_ROUNDS_NEEDED more that are.
+            self.probe_rounds_left = TIMED_ROUNDS_NEEDED
             return neighbours[self.probes % len(neighbours)]
         return best

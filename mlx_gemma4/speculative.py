@@ -209,6 +209,13 @@ def draft(drafter, embed, token: mx.array, hidden: mx.array, target_kv: dict, po
     return tokens, distributions
 
 
+def learned_policy(drafter, model) -> DraftPolicy:
+    """The adaptive policy this drafter has learned with this target, kept on the drafter across generations: a
+    chat's later turns start from the round times and acceptance the earlier ones measured instead of exploring
+    again. (Kept in the object's own attributes, outside the module's parameters.)"""
+    return vars(drafter).setdefault("learned_draft_policies", {}).setdefault(id(model), DraftPolicy())
+
+
 def speculative_generate_step(
     prompt: mx.array,
     model,
@@ -228,7 +235,8 @@ def speculative_generate_step(
     """Yields (token, logprobs, from_draft) for `prompt`; the prefill (media included) is generate_step's own.
     `num_draft_tokens` fixes K; None lets draft_policy.DraftPolicy pick it from measured acceptance and round
     times."""
-    policy = DraftPolicy(num_draft_tokens)
+    policy = learned_policy(drafter, model) if num_draft_tokens is None else DraftPolicy(num_draft_tokens)
+    policy.begin()
     statistics = statistics if statistics is not None else DraftStatistics()
     cache = make_speculative_cache(model) if prompt_cache is None else prompt_cache
     if not all(isinstance(c, (KVCache, SlidingWindowCache)) for c in cache):
@@ -237,11 +245,25 @@ def speculative_generate_step(
     embed = model.language_model.model.embed
     sampling_logprobs = None if temp == 0 else make_filter(temp, top_p, top_k, min_p)
     accept = accept_greedy if temp == 0 else make_rejection_rule(sampling_logprobs)
-    vocab_size = model.config.text_config.vocab_size
+
+    sampler = make_sampler(temp, top_p=top_p, min_p=min_p, top_k=top_k)
+    no_tokens = mx.zeros((0,), dtype=mx.int32)
+
+    def plain_round(token: mx.array) -> Round:
+        """A plain decoding step (k = 0) after `token`, built as generate_step builds one: the target alone, its
+        token drawn by the plain sampler, nothing else queued."""
+        with mx.stream(generation_stream):
+            logits, hidden = model(token, cache=cache, return_hidden=True)
+            logprobs = logits[0] - mx.logsumexp(logits[0], axis=-1, keepdims=True)
+            step = Round(0, no_tokens, no_tokens, sampler(logprobs), logprobs, hidden)
+        mx.async_eval(step.fallback, step.logprobs, step.hidden)
+        return step
 
     def start_round(token: mx.array, hidden: mx.array, k: int) -> Round:
         """Draft k tokens after `token` ((1, 1)) and verify them in one target pass; all queued, nothing waited
-        for. k = 0 is a plain decoding step."""
+        for."""
+        if k == 0:
+            return plain_round(token)
         with mx.stream(generation_stream):
             target_kv = {kind: c.keys_and_values() for kind, c in stores.items()}
             drafts, distributions = draft(drafter, embed, token, hidden, target_kv, cache[0].offset, k,
@@ -251,7 +273,7 @@ def speculative_generate_step(
             verify_ids = mx.concatenate([token] + drafts, axis=1)
             logits, hidden = model(verify_ids, cache=cache, return_hidden=True)
             logits = logits[0]
-            distributions = mx.concatenate(distributions) if distributions else mx.zeros((0, vocab_size))
+            distributions = mx.concatenate(distributions) if distributions else None
             accepted, fallback = accept(logits, verify_ids[0, 1:], distributions)
             step = Round(k, verify_ids[0, 1:], accepted, fallback,
                          logits - mx.logsumexp(logits, axis=-1, keepdims=True), hidden)
@@ -259,7 +281,6 @@ def speculative_generate_step(
         return step
 
     recorder = LastHiddenRecorder(model)
-    sampler = make_sampler(temp, top_p=top_p, min_p=min_p, top_k=top_k)
     token, logprobs = next(generate_step(prompt, recorder, max_tokens=1, sampler=sampler,
                                          prefill_step_size=prefill_step_size, prompt_cache=cache, **model_inputs))
     yield token, logprobs, False
