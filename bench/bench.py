@@ -26,7 +26,7 @@ from measure import environment, log, measure, random_prompt  # noqa: E402
 from mlx_gemma4.errors import Gemma4Error  # noqa: E402
 from mlx_gemma4.loading import read_json, resolve_model_path  # noqa: E402
 from peer_mtp import (  # noqa: E402
-    NO_MLX_LM_MTP, assistant_source_config, draft_lengths, mtp_row, run_peer_mtp, save_peer_assistant)
+    NO_MLX_LM_MTP, assistant_source_config, mtp_rows, run_peer_mtp, save_peer_assistant)
 from peers import PEERS, load_peers, ours, peer_installed  # noqa: E402
 from report import markdown, write_json  # noqa: E402
 from roofline import machine_bandwidth, roofline_fraction  # noqa: E402
@@ -190,22 +190,10 @@ def load_drafter(args, config_dict):
 
 
 def run_mtp(bench: Bench, args, model, drafter, prompts: dict):
-    from mlx_gemma4.speculative import DraftStatistics
     from mtp import speculative_runtime
 
-    plain = {row["config"]: row["decode_tps"] for row in bench.results["generation"] if row["runtime"] == "ours"}
-    draft_name = args.draft_model or "random assistant"
-    for length, prompt in prompts.items():
-        for k in draft_lengths(args.num_draft_tokens):
-            statistics = DraftStatistics()
-            runtime = speculative_runtime(model, drafter, k, statistics)
-            log(f"{runtime.name}: prompt {length}")
-            figures = measure(runtime, prompt, args.gen_tokens, args.repeat)
-            config = f"prompt {length}"
-            draft = f"{draft_name}, {'adaptive K' if k is None else f'K={k}'}"
-            bench.results["mtp"].append(
-                mtp_row(bench, runtime, config, figures, statistics, k, draft, plain.get(config)))
-            bench.save()
+    mtp_rows(bench, args, prompts, "ours", lambda k, statistics: speculative_runtime(model, drafter, k, statistics),
+             lambda k: "adaptive K" if k is None else f"K={k}")
 
 
 def run_peers(bench: Bench, args, folder: Path, prompts: dict, vocab_size: int, assistant_folder=None):

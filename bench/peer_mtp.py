@@ -49,7 +49,6 @@ def mtp_row(bench, runtime, config: str, figures: dict, statistics, num_draft_to
 
 def run_peer_mtp(bench, args, model, folder: Path, prompts: dict):
     """mlx-vlm's MTP at every requested K ('adaptive' runs mlx-vlm's default block size, a fixed K)."""
-    from mlx_gemma4.speculative import DraftStatistics
     from peers import load_mlx_vlm_drafter, mlx_vlm_default_draft_tokens, mlx_vlm_mtp_runtime
 
     notes = bench.results["notes"]
@@ -63,20 +62,28 @@ def run_peer_mtp(bench, args, model, folder: Path, prompts: dict):
         notes.append(f"mlx-vlm + MTP has no adaptive schedule of its own: its 'adaptive' rows run its default, the "
                      f"assistant's block_size ({default + 1} tokens: K={default} drafts per round); a larger K is a "
                      f"ceiling it drafts up to only while 65% of its last 32 rounds accept all {default} drafts")
-    plain = {row["config"]: row["decode_tps"] for row in bench.results["generation"] if row["runtime"] == "mlx-vlm"}
+    try:
+        mtp_rows(bench, args, prompts, "mlx-vlm",
+                 lambda k, statistics: mlx_vlm_mtp_runtime(model, drafter, k, statistics),
+                 lambda k: f"mlx-vlm default K={default}" if k is None else f"K={k}")
+    except Exception as error:  # as above: recorded, and the other runtimes still run
+        notes.append(f"mlx-vlm + MTP failed: {str(error).splitlines()[0][:160]}")
+
+
+def mtp_rows(bench, args, prompts: dict, plain_runtime: str, make_runtime, label):
+    """One row per prompt and requested K: make_runtime(K or None, statistics) gives the runtime, label(K) its draft
+    length's description; the speedup is over `plain_runtime`'s decode in this run."""
+    from mlx_gemma4.speculative import DraftStatistics
+
+    plain = {row["config"]: row["decode_tps"] for row in bench.results["generation"] if row["runtime"] == plain_runtime}
     draft_name = args.draft_model or "random assistant"
     for length, prompt in prompts.items():
         for k in draft_lengths(args.num_draft_tokens):
             statistics = DraftStatistics()
-            runtime = mlx_vlm_mtp_runtime(model, drafter, k, statistics)
+            runtime = make_runtime(k, statistics)
             log(f"{runtime.name}: prompt {length}")
-            try:
-                figures = measure(runtime, prompt, args.gen_tokens, args.repeat)
-            except Exception as error:
-                notes.append(f"{runtime.name} failed: {str(error).splitlines()[0][:160]}")
-                return
+            figures = measure(runtime, prompt, args.gen_tokens, args.repeat)
             config = f"prompt {length}"
-            label = f"mlx-vlm default K={default}" if k is None else f"K={k}"
-            bench.results["mtp"].append(
-                mtp_row(bench, runtime, config, figures, statistics, k, f"{draft_name}, {label}", plain.get(config)))
+            bench.results["mtp"].append(mtp_row(bench, runtime, config, figures, statistics, k,
+                                                f"{draft_name}, {label(k)}", plain.get(config)))
             bench.save()
