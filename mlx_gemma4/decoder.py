@@ -157,11 +157,11 @@ def fuse_projections(module: nn.Module):
 
 def checkpoint_weights(module: nn.Module) -> dict:
     """{name: array} under the checkpoint's names (fused projections split back), for writing weights out."""
-    weights = dict(tree_flatten(module.parameters()))
-    for path, child in module.named_modules():
-        if isinstance(child, MLP) and "gate_up" in child:
-            weights = {name: value for name, value in weights.items() if not name.startswith(f"{path}.gate_up.")}
-            weights.update({f"{path}.{name}": value for name, value in child.unfused_weights().items()})
+    fused = {path: child for path, child in module.named_modules() if isinstance(child, MLP) and "gate_up" in child}
+    weights = {name: value for name, value in tree_flatten(module.parameters())
+               if name.rpartition(".gate_up.")[0] not in fused}
+    for path, mlp in fused.items():
+        weights.update({f"{path}.{name}": value for name, value in mlp.unfused_weights().items()})
     return weights
 
 
