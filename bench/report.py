@@ -57,7 +57,7 @@ def generation_table(rows: list) -> str:
             f"| {spread(dict(ttft_row, repeats=row.get('repeats', 1)), 'time_to_first_token_ms')} "
             f"| {number(row.get('peak_memory_bytes', 0) / GB, 2)} | {number(row.get('process_rss_bytes', 0) / GB, 2)} "
             f"| {number(row.get('kv_cache_bytes', 0) / 1e6, 1)} | {percent(row.get('roofline_fraction'))} "
-            f"| {'-' if ratio is None else f'{ratio:.2f}x'} "
+            f"| {times(ratio)} "
             f"| {row.get('tokens_agreeing_with_ours', '-')} of {row.get('generated_tokens', '-')} |"
         )
     return "\n".join(lines)
@@ -114,10 +114,6 @@ def mtp_table(rows: list) -> str:
              "| tokens per target pass | ours vs mlx-vlm MTP | greedy tokens agreeing with ours |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        if "skipped" in row:
-            lines.append(f"| {row['config']} | {row.get('runtime', '-')} | {row.get('draft', '-')} "
-                         f"| not measured: {row['skipped']} | | | | | | | |")
-            continue
         ratio = ratios.get(id(row))
         lines.append(
             f"| {row['config']} | {row['runtime']} | {row['draft']} | {spread(row, 'decode_tps')} "
