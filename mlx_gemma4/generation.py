@@ -55,6 +55,12 @@ def prefill_chunks(length: int, step: int, block_ids: Optional[mx.array] = None)
     return bounds
 
 
+def sample_last(logits: mx.array, sampler: Callable) -> tuple:
+    """(token (1,), log-probabilities (1, vocab)) at the last position of `logits` (1, length, vocab)."""
+    logprobs = logits[:, -1, :] - mx.logsumexp(logits[:, -1, :], axis=-1, keepdims=True)
+    return sampler(logprobs), logprobs
+
+
 def generate_step(
     prompt: mx.array,
     model,
@@ -79,8 +85,8 @@ def generate_step(
         return model(prompt[None, start:end], cache=cache, logits_to_keep=logits_to_keep, block_ids=chunk_blocks)
 
     def sample(logits):
-        logprobs = logits[:, -1, :] - mx.logsumexp(logits[:, -1, :], axis=-1, keepdims=True)
-        return sampler(logprobs), logprobs.squeeze(0)
+        token, logprobs = sample_last(logits, sampler)
+        return token, logprobs.squeeze(0)
 
     with mx.stream(generation_stream):
         chunks = prefill_chunks(prompt.size, prefill_step_size, block_ids)

@@ -22,7 +22,7 @@ from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_samp
 from .config import SLIDING
 from .draft_policy import MAX_DRAFT_TOKENS, DraftPolicy
 from .errors import Gemma4Error
-from .generation import CLEAR_CACHE_EVERY, DEFAULT_PREFILL_STEP_SIZE, generate_step, generation_stream
+from .generation import CLEAR_CACHE_EVERY, DEFAULT_PREFILL_STEP_SIZE, generate_step, generation_stream, sample_last
 
 
 class SlidingWindowCache:
@@ -254,8 +254,7 @@ def speculative_generate_step(
         token drawn by the plain sampler, nothing else queued."""
         with mx.stream(generation_stream):
             logits, hidden = model(token, cache=cache, return_hidden=True)
-            logprobs = logits[0] - mx.logsumexp(logits[0], axis=-1, keepdims=True)
-            step = Round(0, no_tokens, no_tokens, sampler(logprobs), logprobs, hidden)
+            step = Round(0, no_tokens, no_tokens, *sample_last(logits, sampler), hidden)
         mx.async_eval(step.fallback, step.logprobs, step.hidden)
         return step
 
