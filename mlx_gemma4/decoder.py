@@ -7,11 +7,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
-from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from .attention_mask import PositionMask, resolve
 from .config import FULL, SLIDING, TextConfig
 from .errors import Gemma4Error
+from .kv_cache import FullCache, WindowCache
 
 
 
@@ -239,10 +239,10 @@ class TextModel(nn.Module):
         return embeddings * mx.array(self.config.hidden_size**0.5, dtype=embeddings.dtype)
 
     def make_cache(self) -> list:
-        """One cache per layer that owns its keys and values: a window-sized rotating cache for sliding layers (memory
-        bounded whatever the context), a growing one for full layers. Layers that reuse another's KV get none."""
+        """One cache per layer that owns its keys and values: a window-sized ring for sliding layers (memory bounded
+        whatever the context), a growing buffer for full layers. Layers that reuse another's KV get none."""
         return [
-            RotatingKVCache(max_size=self.config.sliding_window) if self.config.layer_types[i] == SLIDING else KVCache()
+            WindowCache(self.config.sliding_window) if self.config.layer_types[i] == SLIDING else FullCache()
             for i in self.cached_layers
         ]
 
@@ -252,10 +252,13 @@ class TextModel(nn.Module):
         cache: Optional[list] = None,
         block_ids: Optional[mx.array] = None,
         shared_kv: Optional[dict] = None,
+        masks: Optional[dict] = None,
     ) -> mx.array:
+        """`masks` ({layer kind: mask}) replaces the masks made from the cache's offset: a compiled decode step
+        (decode_step.py) reads whole fixed-size buffers and masks their unwritten rows itself."""
         length = embeddings.shape[1]
         offset = cache[0].offset if cache else 0
-        masks = self.masks(offset, length, block_ids)
+        masks = masks or self.masks(offset, length, block_ids)
         layer_caches = dict(zip(self.cached_layers, cache or []))
         shared_kv = {} if shared_kv is None else shared_kv
         h = embeddings

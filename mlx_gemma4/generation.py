@@ -9,6 +9,7 @@ import mlx.core as mx
 from mlx_lm.generate import wired_limit
 from mlx_lm.sample_utils import make_sampler
 
+from .decode_step import decode_step
 from .errors import Gemma4Error
 
 DEFAULT_PREFILL_STEP_SIZE = 2048
@@ -97,11 +98,12 @@ def generate_step(
         token, logprobs = sample(forward(*chunks[-1], logits_to_keep=1))
     mx.async_eval(token, logprobs)
 
+    step = decode_step(model, cache)
     produced = 0
     while True:
         if produced + 1 < max_tokens:
             with mx.stream(generation_stream):
-                next_token, next_logprobs = sample(model(token[:, None], cache=cache))
+                next_token, next_logprobs = sample(step(token[:, None]))
             mx.async_eval(next_token, next_logprobs)
         yield token.item(), logprobs
         produced += 1

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from mlx_gemma4 import decode_step
 from mlx_gemma4.loading import load_model
 from reference_models import reference_logits, save_reference_checkpoint
 
@@ -66,6 +67,27 @@ def test_cached_decode_matches_full_forward(checkpoint):
     cache = model.make_cache()
     steps = [np.array(model(mx.array(ids[:, t : t + 1]), cache=cache)) for t in range(ids.shape[1])]
     assert np.abs(np.concatenate(steps, axis=1) - expected).max() <= FLOAT32_TOLERANCE
+
+
+def test_compiled_decode_steps_match_full_forward(checkpoint, monkeypatch):
+    """Compiled one-token steps, before and after the sliding rings fill and across buffer growth, then a prompt
+    chunk on the same caches (a second turn) and more steps: every position's logits are the reference's."""
+    monkeypatch.setattr(decode_step, "CAPACITY_STEP", 4)
+    folder, reference = checkpoint
+    model = load_model(folder)
+    window = model.config.text_config.sliding_window
+    ids = random_ids(model.config.text_config.vocab_size, 3 * window + 14, seed=3)
+    expected = reference_logits(reference, ids)
+    cache = model.make_cache()
+    step = decode_step.decode_step(model, cache)
+    pieces, position = [], 0
+    for length in [2] + [1] * (2 * window + 3) + [5] + [1] * (window + 4):
+        chunk = mx.array(ids[:, position : position + length])
+        logits = step(chunk) if length == 1 else model(chunk, cache=cache)
+        pieces.append(np.array(logits))
+        position += length
+    assert position == ids.shape[1]
+    assert np.abs(np.concatenate(pieces, axis=1) - expected).max() <= FLOAT32_TOLERANCE
 
 
 @pytest.mark.parametrize("chunk", [2, 5, 16])

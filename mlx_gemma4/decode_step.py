@@ -1,0 +1,88 @@
+"""One-token decoding steps as one compiled function.
+
+A plain step builds its graph in Python, ~25 operations for each of 48 layers, every token; on a fast GPU that takes
+as long as the GPU's own work, so decoding waits on the host. Compiled, the graph is traced once and replayed, and
+mx.compile fuses the step's elementwise tails into fewer kernels. A compiled function needs the same array shapes at
+every call, which the caches of kv_cache.py give: the step writes its keys and values at the position it is handed
+(an array, so every position is one trace) and reads the whole buffers, masking what is not written yet. Full
+layers' buffers grow in steps of CAPACITY_STEP positions, each a new trace, kept on the model for later generations.
+"""
+
+import mlx.core as mx
+
+from .config import FULL, SLIDING
+from .kv_cache import FullCache, WindowCache
+
+# Rows a full layer's buffer grows by: each growth costs one trace; the masked rows cost a step a little reading.
+CAPACITY_STEP = 1024
+
+
+class SlotCache:
+    """Stands in for a layer's cache inside the traced step: writes the new keys and values at `slot`."""
+
+    def __init__(self, keys: mx.array, values: mx.array, slot: mx.array, position: mx.array):
+        self.keys, self.values, self.slot, self.offset = keys, values, slot, position
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        self.keys = mx.slice_update(self.keys, keys, self.slot, axes=(2,))
+        self.values = mx.slice_update(self.values, values, self.slot, axes=(2,))
+        return self.keys, self.values
+
+
+def supports(cache: list) -> bool:
+    return bool(cache) and all(isinstance(c, (WindowCache, FullCache)) for c in cache)
+
+
+def traced_step(model, ring_full: bool):
+    """step(token (1, 1), position (1,), ring slot (1,), [(keys, values) per cache]) -> (logits, new buffers).
+    Before the rings fill, their unwritten slots are masked; after, every slot is in the window and no mask is
+    needed, which is a different graph: hence one function for each."""
+    text = model.language_model.model
+    sliding = [text.config.layer_types[i] == SLIDING for i in text.cached_layers]
+
+    def step(token, position, ring_slot, buffers):
+        caches = [SlotCache(keys, values, ring_slot if is_sliding else position, position)
+                  for (keys, values), is_sliding in zip(buffers, sliding)]
+        full_rows = [keys.shape[2] for (keys, _), is_sliding in zip(buffers, sliding) if not is_sliding]
+        masks = {FULL: mx.arange(full_rows[0]) <= position if full_rows else None,
+                 SLIDING: None if ring_full else mx.arange(text.config.sliding_window) <= position}
+        hidden = text(model.embed_inputs(token), cache=caches, masks=masks)
+        return model.language_model.logits(hidden), [(c.keys, c.values) for c in caches]
+
+    return mx.compile(step)
+
+
+def compiled_steps(model) -> dict:
+    """{ring full: compiled step}, kept on the model: traces are reused by every later generation."""
+    return vars(model).setdefault("compiled_decode_steps", {})
+
+
+def decode_step(model, cache: list):
+    """A function token (1, 1) -> logits (1, 1, vocab) that advances `cache` by one position: compiled when the
+    caches are kv_cache's (model.make_cache()), the plain forward pass otherwise."""
+    if not supports(cache):
+        return lambda token: model(token, cache=cache)
+    window = model.language_model.model.config.sliding_window
+    full_caches = [c for c in cache if isinstance(c, FullCache)]
+    steps = compiled_steps(model)
+
+    def step(token: mx.array) -> mx.array:
+        position = cache[0].offset
+        if position == 0:  # the buffers are made by the first write
+            return model(token, cache=cache)
+        for full_cache in full_caches:
+            if full_cache.capacity() <= position:
+                full_cache.reserve((position // CAPACITY_STEP + 1) * CAPACITY_STEP)
+        ring_full = position >= window - 1
+        if ring_full not in steps:
+            steps[ring_full] = traced_step(model, ring_full)
+        logits, buffers = steps[ring_full](
+            token, mx.array([position]), mx.array([position % window]), [(c.keys, c.values) for c in cache]
+        )
+        # The old buffers are now referenced only by the step's graph, which can then write into them in place.
+        for layer_cache, (keys, values) in zip(cache, buffers):
+            layer_cache.keys, layer_cache.values = keys, values
+            layer_cache.offset += 1
+        return logits
+
+    return step

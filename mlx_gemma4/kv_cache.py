@@ -1,0 +1,84 @@
+"""The target's key/value caches for plain generation, laid out so that a one-token step has the same array shapes
+every time and can run as one compiled function (decode_step.py).
+
+A sliding layer keeps a ring of `window` slots, position p in slot p % window, so a step writes one slot and reads
+the whole ring; a full layer keeps its keys in position order in a buffer that only grows, so a step writes one
+row and reads the buffer, masking the rows not yet written. Outside a compiled step both behave as mlx-lm's
+RotatingKVCache and KVCache do: a prompt chunk gets its keys in position order, a sliding one with the window - 1
+earlier keys before its own.
+"""
+
+import mlx.core as mx
+from mlx_lm.models.cache import KVCache
+
+
+class WindowCache:
+    """A sliding-window layer's keys and values in a ring of `window` slots."""
+
+    def __init__(self, window: int):
+        self.window = window
+        self.keys = self.values = None
+        self.offset = 0  # positions seen
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array):
+        if self.keys is None:
+            self.keys = mx.zeros((*keys.shape[:2], self.window, keys.shape[3]), keys.dtype)
+            self.values = mx.zeros((*values.shape[:2], self.window, values.shape[3]), values.dtype)
+        if keys.shape[2] == 1:
+            # One query sees every key it could: softmax does not care about their order, so the ring is read as
+            # it lies (only its written slots until it first fills).
+            slot = self.offset % self.window
+            self.keys[..., slot : slot + 1, :] = keys
+            self.values[..., slot : slot + 1, :] = values
+            self.offset += 1
+            visible = min(self.offset, self.window)
+            return self.keys[..., :visible, :], self.values[..., :visible, :]
+        earlier = min(self.offset, self.window - 1)
+        if earlier:
+            keys = mx.concatenate([self._in_order(self.keys, earlier), keys], axis=2)
+            values = mx.concatenate([self._in_order(self.values, earlier), values], axis=2)
+        self.offset += keys.shape[2] - earlier
+        self.keys, self.values = self._as_ring(self.keys, keys), self._as_ring(self.values, values)
+        return keys, values
+
+    def _in_order(self, ring: mx.array, count: int) -> mx.array:
+        """The last `count` positions' rows, oldest first."""
+        if self.offset <= self.window:
+            return ring[..., self.offset - count : self.offset, :]
+        oldest = self.offset % self.window
+        return mx.concatenate([ring[..., oldest:, :], ring[..., :oldest, :]], axis=2)[..., -count:, :]
+
+    def _as_ring(self, ring: mx.array, recent: mx.array) -> mx.array:
+        """The ring once `recent` (rows in position order, ending at the current offset) is written."""
+        if self.offset <= self.window:
+            ring[..., self.offset - recent.shape[2] : self.offset, :] = recent
+            return ring
+        recent = recent[..., -self.window :, :]
+        split = self.window - self.offset % self.window
+        return mx.concatenate([recent[..., split:, :], recent[..., :split, :]], axis=2)
+
+    @property
+    def state(self):
+        return self.keys, self.values
+
+    def is_trimmable(self) -> bool:
+        return False
+
+
+class FullCache(KVCache):
+    """A full-attention layer's keys and values in position order: mlx-lm's KVCache, plus room reserved ahead so
+    that a run of one-token steps sees one buffer shape."""
+
+    def capacity(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def reserve(self, capacity: int):
+        """Grow the buffer to hold `capacity` positions; what it holds is kept."""
+        extra = capacity - self.capacity()
+        if extra <= 0 or self.keys is None:
+            return
+        batch, heads, _, key_dim = self.keys.shape
+        self.keys = mx.concatenate([self.keys, mx.zeros((batch, heads, extra, key_dim), self.keys.dtype)], axis=2)
+        self.values = mx.concatenate(
+            [self.values, mx.zeros((batch, heads, extra, self.values.shape[3]), self.values.dtype)], axis=2
+        )
