@@ -1,23 +1,22 @@
-"""Where decode time goes: one-token steps of ours and mlx-lm on the same weights, and of ours with fewer kernels.
+"""Where decode time goes: one-token steps of mlx-lm, of our model called step by step, and of our compiled step
+(decode_step.py, what generate_step runs), on the same weights.
 
-    python bench/decode_profile.py --weights FOLDER   (a folder bench.py --keep-weights wrote)
+    python bench/decode_profile.py --weights FOLDER   (a folder bench.py --weights-dir wrote)
 
-A 12B decode step at 4 bits reads ~7 GB; at H100 bandwidth that is ~2 ms, yet a step takes ~15 ms: the step is
-bound by the ~25 kernels each of 48 layers launches and by the quantized matmul kernels, not by memory. The variant
-below cuts launches further, to measure what it saves before anyone changes decoder.py: the residual tails (norm,
-add, layer scalar) compiled into fewer kernels. (Fusing gate and up, which load_model now does, measured 3% faster;
-fusing q, k and v 11% slower: results/h100-decode-profile.md.)
+A 12B decode step at 4 bits reads ~7 GB; at H100 bandwidth that is ~2 ms, yet a step takes 10-20 ms: it is bound by
+the host handing ~1,000 kernels to the GPU and building the graph in Python, not by memory
+(results/h100-decode-profile.md). Each runtime is measured in turn, twice round, so that a drifting host clock
+touches all of them alike.
 """
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import mlx.core as mx
 
-from mlx_gemma4 import decoder
+from mlx_gemma4.decode_step import decode_step
 
 PROMPT_TOKENS = 512
 
@@ -28,50 +27,33 @@ def prefilled(model):
     return cache
 
 
-def synchronous_ms(model, steps: int) -> float:
+def forward(model, cache):
+    return lambda token: model(token, cache=cache)
+
+
+def synchronous_ms(model, make_step, steps: int) -> float:
     """Latency of one step on its own: build, run, wait."""
-    cache, token, times = prefilled(model), mx.array([[7]]), []
+    step, token, times = make_step(model, prefilled(model)), mx.array([[7]]), []
     for _ in range(steps):
         start = time.perf_counter()
-        mx.eval(model(token, cache=cache))
+        mx.eval(step(token))
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
 
 
-def pipelined_ms(model, steps: int) -> float:
+def pipelined_ms(model, make_step, steps: int) -> float:
     """Per step when the next step is queued before the current one is read, as generate_step runs."""
-    cache = prefilled(model)
+    step = make_step(model, prefilled(model))
     token = mx.array([7])
     mx.eval(token)
     start = time.perf_counter()
     for _ in range(steps):
-        following = mx.argmax(model(token[:, None], cache=cache)[:, -1], axis=-1)
+        following = mx.argmax(step(token[:, None])[:, -1], axis=-1)
         mx.async_eval(following)
         token.item()
         token = following
     token.item()
     return 1000 * (time.perf_counter() - start) / steps
-
-
-@mx.compile
-def residual(x, y, weight, eps):
-    return x + mx.fast.rms_norm(y, weight, eps)
-
-
-@mx.compile
-def scaled_residual(x, y, weight, eps, scalar):
-    return (x + mx.fast.rms_norm(y, weight, eps)) * scalar
-
-
-def compile_residuals(model):
-    def compiled_call(self, x, mask, cache, offset, shared_kv):
-        eps = self.post_attention_layernorm.eps
-        attention = self.self_attn(self.input_layernorm(x), mask, cache, offset, shared_kv)
-        h = residual(x, attention, self.post_attention_layernorm.weight, eps)
-        return scaled_residual(h, self.mlp(self.pre_feedforward_layernorm(h)),
-                               self.post_feedforward_layernorm.weight, eps, self.layer_scalar)
-
-    decoder.DecoderLayer.__call__ = compiled_call
 
 
 def main(argv=None):
@@ -84,29 +66,30 @@ def main(argv=None):
     from mlx_gemma4.loading import load_model
 
     folder = Path(args.weights)
-    rows, probe, reference = [], mx.arange(10, 40)[None], []
-
-    def measure(name, model):
-        logits = model(probe).astype(mx.float32)
-        reference.append(reference[0] if reference else logits)
-        difference = mx.abs(logits - reference[0]).max().item()  # a variant must compute the same model
-        synchronous_ms(model, 8), pipelined_ms(model, 8)  # compile this variant's kernels first
-        rows.append((name, synchronous_ms(model, args.steps), pipelined_ms(model, args.steps), difference))
-        print(f"{name}: {rows[-1][1]:.2f} ms synchronous, {rows[-1][2]:.2f} ms pipelined, "
-              f"max |logit - first runtime's| {difference:.3g}", file=sys.stderr, flush=True)
-
     peer, _ = load_mlx_lm(folder)
-    measure("mlx-lm", peer)
-    del peer
-    mx.clear_cache()
     model = load_model(folder)
-    measure("ours (gate/up fused at load)", model)
-    compile_residuals(model)
-    measure("ours + compiled residuals", model)
+    variants = [("mlx-lm", peer, forward), ("ours, step by step", model, forward),
+                ("ours, compiled step (generate_step)", model, decode_step)]
+    probe, reference = mx.arange(10, 40)[None], None
+    differences = {}
+    for name, runtime, make_step in variants:
+        cache = runtime.make_cache()
+        runtime(probe, cache=cache)
+        logits = make_step(runtime, cache)(mx.array([[5]])).astype(mx.float32)
+        reference = logits if reference is None else reference
+        differences[name] = mx.abs(logits - reference).max().item()  # a variant must compute the same model
+        synchronous_ms(runtime, make_step, 8), pipelined_ms(runtime, make_step, 8)  # compile its kernels first
+    timings = {name: [] for name, _, _ in variants}
+    for _ in range(2):
+        for name, runtime, make_step in variants:
+            timings[name].append((synchronous_ms(runtime, make_step, args.steps),
+                                  pipelined_ms(runtime, make_step, args.steps)))
     print("| runtime | ms per step, synchronous | ms per step, pipelined | tok/s pipelined | max logit difference |")
     print("|---|---|---|---|---|")
-    for name, sync, pipelined, difference in rows:
-        print(f"| {name} | {sync:.2f} | {pipelined:.2f} | {1000 / pipelined:.1f} | {difference:.3g} |")
+    for name, _, _ in variants:
+        synchronous = statistics.median(t[0] for t in timings[name])
+        pipelined = statistics.median(t[1] for t in timings[name])
+        print(f"| {name} | {synchronous:.2f} | {pipelined:.2f} | {1000 / pipelined:.1f} | {differences[name]:.3g} |")
 
 
 if __name__ == "__main__":
