@@ -56,6 +56,8 @@ def parse_args(argv=None):
     parser.add_argument("--json", help="write all results here")
     parser.add_argument("--weights-dir", help="--random with --peers: write (and keep) the weights here")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-ours", action="store_true",
+                        help="run the peers only, e.g. to give their long-context runs a call of their own")
     return parser.parse_args(argv)
 
 
@@ -244,7 +246,8 @@ def main(argv=None):
         assistant_folder = None
         if args.peers:
             folder, assistant_folder = save_for_peers(args, model, drafter, config_dict, folder, Path(scratch))
-        run_ours(bench, args, model, drafter, prompts)
+        if not args.skip_ours:
+            run_ours(bench, args, model, drafter, prompts)
         del model, drafter
         gc.collect()
         mx.clear_cache()
