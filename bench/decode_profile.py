@@ -24,6 +24,7 @@ PROMPT_TOKENS = 512
 def prefilled(model):
     cache = model.make_cache()
     mx.eval(model(mx.arange(10, 10 + PROMPT_TOKENS)[None], cache=cache))
+    mx.eval([c.state for c in cache])
     return cache
 
 
@@ -60,7 +61,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", required=True)
     parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--prompt-tokens", type=int, default=512)
     args = parser.parse_args(argv)
+    globals()["PROMPT_TOKENS"] = args.prompt_tokens
     from mlx_lm.utils import load_model as load_mlx_lm
 
     from mlx_gemma4.loading import load_model
@@ -80,7 +84,7 @@ def main(argv=None):
         differences[name] = mx.abs(logits - reference).max().item()  # a variant must compute the same model
         synchronous_ms(runtime, make_step, 8), pipelined_ms(runtime, make_step, 8)  # compile its kernels first
     timings = {name: [] for name, _, _ in variants}
-    for _ in range(2):
+    for _ in range(args.rounds):
         for name, runtime, make_step in variants:
             timings[name].append((synchronous_ms(runtime, make_step, args.steps),
                                   pipelined_ms(runtime, make_step, args.steps)))

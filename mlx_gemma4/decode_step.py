@@ -52,37 +52,63 @@ def traced_step(model, ring_full: bool):
     return mx.compile(step)
 
 
-def compiled_steps(model) -> dict:
-    """{ring full: compiled step}, kept on the model: traces are reused by every later generation."""
-    return vars(model).setdefault("compiled_decode_steps", {})
+class CompiledSteps:
+    """The compiled step functions of one model ({ring full: function}) and the buffer shapes already traced, kept on
+    the model so that every later generation replays the same traces."""
+
+    def __init__(self):
+        self.functions = {}
+        self.traced = set()
+
+    @staticmethod
+    def of(model) -> "CompiledSteps":
+        return vars(model).setdefault("compiled_decode_steps", CompiledSteps())
 
 
 def decode_step(model, cache: list):
     """A function token (1, 1) -> logits (1, 1, vocab) that advances `cache` by one position: compiled when the
-    caches are kv_cache's (model.make_cache()), the plain forward pass otherwise."""
+    caches are kv_cache's (model.make_cache()), the plain forward pass otherwise.
+
+    Made once the prompt is queued, it makes room in the buffers and traces what the steps will replay right away:
+    a trace costs about as much host time as ten steps, which the device's work on the prompt then hides."""
     if not supports(cache):
         return lambda token: model(token, cache=cache)
     window = model.language_model.model.config.sliding_window
     full_caches = [c for c in cache if isinstance(c, FullCache)]
-    steps = compiled_steps(model)
+    compiled = CompiledSteps.of(model)
+
+    def run(ring_full: bool, token: mx.array, position: int):
+        if ring_full not in compiled.functions:
+            compiled.functions[ring_full] = traced_step(model, ring_full)
+        compiled.traced.add((ring_full, full_caches[0].capacity() if full_caches else 0))
+        return compiled.functions[ring_full](
+            token, mx.array([position]), mx.array([position % window]), [(c.keys, c.values) for c in cache]
+        )
+
+    def make_room(position: int):
+        for full_cache in full_caches:
+            if full_cache.capacity() <= position:
+                full_cache.reserve((position // CAPACITY_STEP + 1) * CAPACITY_STEP)
+
+    def trace_ahead(position: int):
+        make_room(position)
+        capacity = full_caches[0].capacity() if full_caches else 0
+        for ring_full in {position >= window - 1, True}:
+            if (ring_full, capacity) not in compiled.traced:
+                run(ring_full, mx.zeros((1, 1), dtype=mx.int32), position)  # traced, never evaluated
 
     def step(token: mx.array) -> mx.array:
         position = cache[0].offset
         if position == 0:  # the buffers are made by the first write
             return model(token, cache=cache)
-        for full_cache in full_caches:
-            if full_cache.capacity() <= position:
-                full_cache.reserve((position // CAPACITY_STEP + 1) * CAPACITY_STEP)
-        ring_full = position >= window - 1
-        if ring_full not in steps:
-            steps[ring_full] = traced_step(model, ring_full)
-        logits, buffers = steps[ring_full](
-            token, mx.array([position]), mx.array([position % window]), [(c.keys, c.values) for c in cache]
-        )
+        make_room(position)
+        logits, buffers = run(position >= window - 1, token, position)
         # The old buffers are now referenced only by the step's graph, which can then write into them in place.
         for layer_cache, (keys, values) in zip(cache, buffers):
             layer_cache.keys, layer_cache.values = keys, values
             layer_cache.offset += 1
         return logits
 
+    if cache[0].offset:
+        trace_ahead(cache[0].offset)
     return step
