@@ -4,6 +4,7 @@ import mlx.core as mx
 import pytest
 import torch
 
+from mlx_gemma4.decode_step import CompiledSteps
 from mlx_gemma4.errors import Gemma4Error
 from mlx_gemma4.generation import generate, prefill_chunks, stream_generate, stream_responses
 from mlx_gemma4.loading import load
@@ -49,6 +50,17 @@ def test_generation_stops_at_max_tokens(checkpoint):
     responses = list(stream_generate(model, processor, [2, 40], max_tokens=7, sampler=lambda lp: mx.array([300])))
     assert len(responses) == 7 and responses[-1].finish_reason == "length"
     assert all(r.finish_reason is None for r in responses[:-1])
+
+
+def test_a_later_generation_replays_the_first_ones_compiled_steps(checkpoint):
+    _, _, model, processor = checkpoint
+    prompt = [2, 40, 41, 42, 43]
+    first = generate(model, processor, prompt, max_tokens=12)
+    compiled = CompiledSteps.of(model)
+    functions, traced = dict(compiled.functions), set(compiled.traced)
+    assert functions and traced
+    assert generate(model, processor, prompt, max_tokens=12) == first
+    assert compiled.functions == functions and compiled.traced == traced
 
 
 def test_same_seed_gives_the_same_sample(checkpoint):
