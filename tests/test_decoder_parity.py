@@ -58,20 +58,10 @@ def test_logits_match_reference_in_float32(checkpoint):
     assert np.abs(np.array(model(mx.array(ids))) - expected).max() <= FLOAT32_TOLERANCE
 
 
-def test_cached_decode_matches_full_forward(checkpoint):
-    folder, reference = checkpoint
-    model = load_model(folder)
-    window = model.config.text_config.sliding_window
-    ids = random_ids(model.config.text_config.vocab_size, 3 * window + 4, seed=1)
-    expected = reference_logits(reference, ids)
-    cache = model.make_cache()
-    steps = [np.array(model(mx.array(ids[:, t : t + 1]), cache=cache)) for t in range(ids.shape[1])]
-    assert np.abs(np.concatenate(steps, axis=1) - expected).max() <= FLOAT32_TOLERANCE
-
-
-def test_compiled_decode_steps_match_full_forward(checkpoint, monkeypatch):
-    """Compiled one-token steps, before and after the sliding rings fill and across buffer growth, then a prompt
-    chunk on the same caches (a second turn) and more steps: every position's logits are the reference's."""
+@pytest.mark.parametrize("compiled", [False, True], ids=["step_by_step", "compiled_step"])
+def test_cached_decode_matches_full_forward(checkpoint, compiled, monkeypatch):
+    """One-token steps, before and after the sliding windows fill (compiled: across buffer growth too), then a
+    prompt chunk on the same caches (a second turn) and more steps: every position's logits are the reference's."""
     monkeypatch.setattr(decode_step, "CAPACITY_STEP", 4)
     folder, reference = checkpoint
     model = load_model(folder)
@@ -79,7 +69,7 @@ def test_compiled_decode_steps_match_full_forward(checkpoint, monkeypatch):
     ids = random_ids(model.config.text_config.vocab_size, 3 * window + 14, seed=3)
     expected = reference_logits(reference, ids)
     cache = model.make_cache()
-    step = decode_step.decode_step(model, cache)
+    step = decode_step.decode_step(model, cache) if compiled else (lambda token: model(token, cache=cache))
     pieces, position = [], 0
     for length in [2] + [1] * (2 * window + 3) + [5] + [1] * (window + 4):
         chunk = mx.array(ids[:, position : position + length])
