@@ -4,8 +4,8 @@ A plain step builds its graph in Python, ~25 operations for each of 48 layers, e
 as long as the GPU's own work, so decoding waits on the host. Compiled, the graph is traced once and replayed, and
 mx.compile fuses the step's elementwise tails into fewer kernels. A compiled function needs the same array shapes at
 every call, which the caches of kv_cache.py give: the step writes its keys and values at the position it is handed
-(an array, so every position is one trace) and reads the whole buffers, masking what is not written yet. Full
-layers' buffers grow in steps of CAPACITY_STEP positions, each a new trace, kept on the model for later generations.
+(an array, so every position is one trace) and reads the whole buffers, masking what it must not see. Full layers'
+buffers grow in steps of CAPACITY_STEP positions, each a new trace, kept on the model for later generations.
 """
 
 import mlx.core as mx
@@ -33,28 +33,36 @@ def supports(cache: list) -> bool:
     return bool(cache) and all(isinstance(c, (WindowCache, FullCache)) for c in cache)
 
 
-def traced_step(model, ring_full: bool):
-    """step(token (1, 1), position (1,), ring slot (1,), [(keys, values) per cache]) -> (logits, new buffers).
-    Before the rings fill, their unwritten slots are masked; after, every slot is in the window and no mask is
-    needed, which is a different graph: hence one function for each."""
+def sliding_mask(position: mx.array, slots: int, window: int) -> mx.array:
+    """Which ring slots the query at `position` sees: those written (at or before it) and within the window. Slot j
+    holds the latest position congruent to j, `age` steps back."""
+    age = (position - mx.arange(slots) + slots) % slots
+    return (age < window) & (age <= position)
+
+
+def traced_step(model, sliding_masked: bool):
+    """step(token (1, 1), position (1,), ring slot (1,), [(keys, values) per cache]) -> (logits, final-normed hidden,
+    new buffers). A ring of exactly the window, once full, holds only keys the query sees, so it needs no mask: a
+    different graph, hence one function for each case."""
     text = model.language_model.model
+    window = text.config.sliding_window
     sliding = [text.config.layer_types[i] == SLIDING for i in text.cached_layers]
 
     def step(token, position, ring_slot, buffers):
         caches = [SlotCache(keys, values, ring_slot if is_sliding else position, position)
                   for (keys, values), is_sliding in zip(buffers, sliding)]
-        full_rows = [keys.shape[2] for (keys, _), is_sliding in zip(buffers, sliding) if not is_sliding]
-        masks = {FULL: mx.arange(full_rows[0]) <= position if full_rows else None,
-                 SLIDING: None if ring_full else mx.arange(text.config.sliding_window) <= position}
+        rows = {is_sliding: keys.shape[2] for (keys, _), is_sliding in zip(buffers, sliding)}
+        masks = {FULL: mx.arange(rows[False]) <= position if False in rows else None,
+                 SLIDING: sliding_mask(position, rows[True], window) if sliding_masked and True in rows else None}
         hidden = text(model.embed_inputs(token), cache=caches, masks=masks)
-        return model.language_model.logits(hidden), [(c.keys, c.values) for c in caches]
+        return model.language_model.logits(hidden), hidden, [(c.keys, c.values) for c in caches]
 
     return mx.compile(step)
 
 
 class CompiledSteps:
-    """The compiled step functions of one model ({ring full: function}) and the buffer shapes already traced, kept on
-    the model so that every later generation replays the same traces."""
+    """The compiled step functions of one model ({sliding layers masked: function}) and the buffer shapes already
+    traced, kept on the model so that every later generation replays the same traces."""
 
     def __init__(self):
         self.functions = {}
@@ -65,24 +73,29 @@ class CompiledSteps:
         return vars(model).setdefault("compiled_decode_steps", CompiledSteps())
 
 
-def decode_step(model, cache: list):
-    """A function token (1, 1) -> logits (1, 1, vocab) that advances `cache` by one position: compiled when the
-    caches are kv_cache's (model.make_cache()), the plain forward pass otherwise.
+def decode_step(model, cache: list, return_hidden: bool = False):
+    """A function token (1, 1) -> logits (1, 1, vocab) (with `return_hidden`, (logits, final-normed hidden)) that
+    advances `cache` by one position: compiled when the caches are kv_cache's (model.make_cache(), or the speculative
+    loop's), the plain forward pass otherwise.
 
     Made once the prompt is queued, it makes room in the buffers and traces what the steps will replay right away:
     a trace costs about as much host time as ten steps, which the device's work on the prompt then hides."""
     if not supports(cache):
-        return lambda token: model(token, cache=cache)
+        return lambda token: model(token, cache=cache, return_hidden=return_hidden)
     window = model.language_model.model.config.sliding_window
     full_caches = [c for c in cache if isinstance(c, FullCache)]
+    slots = next((c.slots for c in cache if isinstance(c, WindowCache)), window)
     compiled = CompiledSteps.of(model)
 
-    def run(ring_full: bool, token: mx.array, position: int):
-        if ring_full not in compiled.functions:
-            compiled.functions[ring_full] = traced_step(model, ring_full)
-        compiled.traced.add((ring_full, full_caches[0].capacity() if full_caches else 0))
-        return compiled.functions[ring_full](
-            token, mx.array([position]), mx.array([position % window]), [(c.keys, c.values) for c in cache]
+    def masked(position: int) -> bool:
+        return slots > window or position < window - 1
+
+    def run(sliding_masked: bool, token: mx.array, position: int):
+        if sliding_masked not in compiled.functions:
+            compiled.functions[sliding_masked] = traced_step(model, sliding_masked)
+        compiled.traced.add((sliding_masked, slots, full_caches[0].capacity() if full_caches else 0))
+        return compiled.functions[sliding_masked](
+            token, mx.array([position]), mx.array([position % slots]), [(c.keys, c.values) for c in cache]
         )
 
     def make_room(position: int):
@@ -93,21 +106,21 @@ def decode_step(model, cache: list):
     def trace_ahead(position: int):
         make_room(position)
         capacity = full_caches[0].capacity() if full_caches else 0
-        for ring_full in {position >= window - 1, True}:
-            if (ring_full, capacity) not in compiled.traced:
-                run(ring_full, mx.zeros((1, 1), dtype=mx.int32), position)  # traced, never evaluated
+        for sliding_masked in {masked(position), masked(max(position, window - 1))}:
+            if (sliding_masked, slots, capacity) not in compiled.traced:
+                run(sliding_masked, mx.zeros((1, 1), dtype=mx.int32), position)  # traced, never evaluated
 
-    def step(token: mx.array) -> mx.array:
+    def step(token: mx.array):
         position = cache[0].offset
         if position == 0:  # the buffers are made by the first write
-            return model(token, cache=cache)
+            return model(token, cache=cache, return_hidden=return_hidden)
         make_room(position)
-        logits, buffers = run(position >= window - 1, token, position)
+        logits, hidden, buffers = run(masked(position), token, position)
         # The old buffers are now referenced only by the step's graph, which can then write into them in place.
         for layer_cache, (keys, values) in zip(cache, buffers):
             layer_cache.keys, layer_cache.values = keys, values
             layer_cache.offset += 1
-        return logits
+        return (logits, hidden) if return_hidden else logits
 
     if cache[0].offset:
         trace_ahead(cache[0].offset)

@@ -98,7 +98,7 @@ def generate_step(
         token, logprobs = sample(forward(*chunks[-1], logits_to_keep=1))
     mx.async_eval(token, logprobs)
 
-    step = decode_step(model, cache)
+    step = decode_step(model, cache) if max_tokens > 1 else None
     produced = 0
     while True:
         if produced + 1 < max_tokens:

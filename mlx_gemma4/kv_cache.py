@@ -8,61 +8,77 @@ RotatingKVCache and KVCache do: a prompt chunk gets its keys in position order, 
 earlier keys before its own.
 """
 
+from typing import Optional
+
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
 
 class WindowCache:
-    """A sliding-window layer's keys and values in a ring of `window` slots."""
+    """A sliding-window layer's keys and values in a ring of `slots` slots (the window, or more when positions must
+    be rolled back: the speculative loop trims rejected drafts by moving `offset` back, and the slots it frees
+    still hold the window's oldest keys)."""
 
-    def __init__(self, window: int):
+    def __init__(self, window: int, slots: Optional[int] = None):
         self.window = window
+        self.slots = slots or window
         self.keys = self.values = None
         self.offset = 0  # positions seen
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         if self.keys is None:
-            self.keys = mx.zeros((*keys.shape[:2], self.window, keys.shape[3]), keys.dtype)
-            self.values = mx.zeros((*values.shape[:2], self.window, values.shape[3]), values.dtype)
-        if keys.shape[2] == 1:
+            self.keys = mx.zeros((*keys.shape[:2], self.slots, keys.shape[3]), keys.dtype)
+            self.values = mx.zeros((*values.shape[:2], self.slots, values.shape[3]), values.dtype)
+        if keys.shape[2] == 1 and self.slots == self.window:
             # One query sees every key it could: softmax does not care about their order, so the ring is read as
             # it lies (only its written slots until it first fills).
-            slot = self.offset % self.window
+            slot = self.offset % self.slots
             self.keys[..., slot : slot + 1, :] = keys
             self.values[..., slot : slot + 1, :] = values
             self.offset += 1
-            visible = min(self.offset, self.window)
+            visible = min(self.offset, self.slots)
             return self.keys[..., :visible, :], self.values[..., :visible, :]
         earlier = min(self.offset, self.window - 1)
         if earlier:
             keys = mx.concatenate([self._in_order(self.keys, earlier), keys], axis=2)
             values = mx.concatenate([self._in_order(self.values, earlier), values], axis=2)
         self.offset += keys.shape[2] - earlier
-        self.keys, self.values = self._as_ring(self.keys, keys), self._as_ring(self.values, values)
+        self.keys, self.values = self._written(self.keys, keys), self._written(self.values, values)
         return keys, values
 
     def _in_order(self, ring: mx.array, count: int) -> mx.array:
         """The last `count` positions' rows, oldest first."""
-        if self.offset <= self.window:
+        if self.offset <= self.slots:
             return ring[..., self.offset - count : self.offset, :]
-        oldest = self.offset % self.window
+        oldest = self.offset % self.slots
         return mx.concatenate([ring[..., oldest:, :], ring[..., :oldest, :]], axis=2)[..., -count:, :]
 
-    def _as_ring(self, ring: mx.array, recent: mx.array) -> mx.array:
+    def _written(self, ring: mx.array, recent: mx.array) -> mx.array:
         """The ring once `recent` (rows in position order, ending at the current offset) is written."""
-        if self.offset <= self.window:
-            ring[..., self.offset - recent.shape[2] : self.offset, :] = recent
-            return ring
-        recent = recent[..., -self.window :, :]
-        split = self.window - self.offset % self.window
-        return mx.concatenate([recent[..., split:, :], recent[..., :split, :]], axis=2)
+        recent = recent[..., -self.slots :, :]
+        start = (self.offset - recent.shape[2]) % self.slots
+        until_end = min(recent.shape[2], self.slots - start)
+        ring[..., start : start + until_end, :] = recent[..., :until_end, :]
+        if until_end < recent.shape[2]:
+            ring[..., : recent.shape[2] - until_end, :] = recent[..., until_end:, :]
+        return ring
+
+    def keys_and_values(self):
+        """The last window + 1 positions' keys and values in order (what the MTP assistant reads)."""
+        held = min(self.offset, self.window + 1, self.slots)
+        return self._in_order(self.keys, held), self._in_order(self.values, held)
 
     @property
     def state(self):
         return self.keys, self.values
 
     def is_trimmable(self) -> bool:
-        return False
+        return self.slots > self.window
+
+    def trim(self, count: int) -> int:
+        assert count <= self.slots - self.window - 1, "trimmed past the keys the window still needs"
+        self.offset -= count
+        return count
 
 
 class FullCache(KVCache):

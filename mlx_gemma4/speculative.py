@@ -7,8 +7,9 @@ token when it is the target's argmax; sampling uses the standard rejection rule 
 min(1, p / q), else draw from max(0, p - q)), both distributions filtered as the plain sampler filters, so the output
 is distributed as plain sampling from the target.
 
-Sliding-window layers cannot use a rotating cache (it cannot be trimmed once it wraps), so they keep their keys in
-position order with a margin for rollback and for the drafter, which reads one key more than the window.
+Sliding-window layers keep their keys in a ring (kv_cache.WindowCache) a little longer than the window: a rollback
+moves the offset back, and the extra slots still hold what the window and the drafter (which reads one key more than
+the window) need. A plain round (k = 0) is plain generation's compiled decode step.
 """
 
 import time
@@ -16,75 +17,24 @@ from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_sampler
 
 from .config import SLIDING
 from .draft_policy import MAX_DRAFT_TOKENS, DraftPolicy
 from .errors import Gemma4Error
+from .decode_step import decode_step
 from .generation import CLEAR_CACHE_EVERY, DEFAULT_PREFILL_STEP_SIZE, generate_step, generation_stream, sample_last
-
-
-class SlidingWindowCache:
-    """A sliding layer's keys and values in position order, trimmable. It keeps the last `retained` positions
-    (window + 1 for the drafter, plus the most a verify pass can reject), so memory stays bounded; a query block of
-    n tokens gets the window - 1 keys before it plus its own, as mlx-lm's RotatingKVCache hands them out."""
-
-    step = 256
-
-    def __init__(self, window: int, retained: int):
-        self.window = window
-        self.retained = retained
-        self.keys = self.values = None
-        self.offset = 0  # positions seen
-        self.end = 0  # keys held in the buffer
-
-    def update_and_fetch(self, keys: mx.array, values: mx.array):
-        length = keys.shape[2]
-        if self.keys is None or self.end + length > self.keys.shape[2]:
-            self._compact(keys, values, length)
-        self.keys[..., self.end : self.end + length, :] = keys
-        self.values[..., self.end : self.end + length, :] = values
-        self.end += length
-        self.offset += length
-        start = max(0, self.end - (self.window - 1 + length))
-        return self.keys[..., start : self.end, :], self.values[..., start : self.end, :]
-
-    def _compact(self, keys: mx.array, values: mx.array, length: int):
-        kept = min(self.end, self.retained)
-        capacity = kept + length + self.step
-        batch, heads, _, key_dim = keys.shape
-        new_keys = mx.zeros((batch, heads, capacity, key_dim), keys.dtype)
-        new_values = mx.zeros((batch, heads, capacity, values.shape[3]), values.dtype)
-        if kept:
-            new_keys[..., :kept, :] = self.keys[..., self.end - kept : self.end, :]
-            new_values[..., :kept, :] = self.values[..., self.end - kept : self.end, :]
-        self.keys, self.values, self.end = new_keys, new_values, kept
-
-    def keys_and_values(self):
-        return self.keys[..., : self.end, :], self.values[..., : self.end, :]
-
-    @property
-    def state(self):
-        return self.keys_and_values()
-
-    def is_trimmable(self) -> bool:
-        return True
-
-    def trim(self, count: int) -> int:
-        assert count <= self.end, "trimmed past the retained keys"
-        self.end -= count
-        self.offset -= count
-        return count
+from .kv_cache import FullCache, WindowCache
 
 
 def make_speculative_cache(model, max_draft_tokens: int = MAX_DRAFT_TOKENS) -> list:
-    """The target's caches, every one trimmable; sliding layers keep what a rollback and the drafter need."""
+    """The target's caches, every one trimmable: sliding layers' rings hold, beyond the window, the key the drafter
+    reads one past it and room for a whole verify pass (k drafts and the token before them) to be rolled back."""
     text_model = model.language_model.model
     config = text_model.config
-    retained = config.sliding_window + 1 + max_draft_tokens
+    slots = config.sliding_window + 2 + max_draft_tokens
     return [
-        SlidingWindowCache(config.sliding_window, retained) if config.layer_types[i] == SLIDING else KVCache()
+        WindowCache(config.sliding_window, slots) if config.layer_types[i] == SLIDING else FullCache()
         for i in text_model.cached_layers
     ]
 
@@ -239,7 +189,7 @@ def speculative_generate_step(
     policy.begin()
     statistics = statistics if statistics is not None else DraftStatistics()
     cache = make_speculative_cache(model) if prompt_cache is None else prompt_cache
-    if not all(isinstance(c, (KVCache, SlidingWindowCache)) for c in cache):
+    if not all(isinstance(c, (FullCache, WindowCache)) and c.is_trimmable() for c in cache):
         raise Gemma4Error("speculative decoding needs trimmable caches: make them with make_speculative_cache")
     stores = store_caches(model, cache)
     embed = model.language_model.model.embed
@@ -250,10 +200,10 @@ def speculative_generate_step(
     no_tokens = mx.zeros((0,), dtype=mx.int32)
 
     def plain_round(token: mx.array) -> Round:
-        """A plain decoding step (k = 0) after `token`, built as generate_step builds one: the target alone, its
-        token drawn by the plain sampler, nothing else queued."""
+        """A plain decoding step (k = 0) after `token`, as generate_step runs one: the target's compiled step alone,
+        its token drawn by the plain sampler, nothing else queued."""
         with mx.stream(generation_stream):
-            logits, hidden = model(token, cache=cache, return_hidden=True)
+            logits, hidden = plain_step(token)
             step = Round(0, no_tokens, no_tokens, *sample_last(logits, sampler), hidden)
         mx.async_eval(step.fallback, step.logprobs, step.hidden)
         return step
@@ -283,6 +233,7 @@ def speculative_generate_step(
     token, logprobs = next(generate_step(prompt, recorder, max_tokens=1, sampler=sampler,
                                          prefill_step_size=prefill_step_size, prompt_cache=cache, **model_inputs))
     yield token, logprobs, False
+    plain_step = decode_step(model, cache, return_hidden=True)
     produced = 1
     clock = time.perf_counter()
     first = mx.array([[token]])

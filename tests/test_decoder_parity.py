@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mlx_gemma4 import decode_step
+from mlx_gemma4.kv_cache import WindowCache
 from mlx_gemma4.loading import load_model
 from reference_models import reference_logits, save_reference_checkpoint
 
@@ -58,17 +59,20 @@ def test_logits_match_reference_in_float32(checkpoint):
     assert np.abs(np.array(model(mx.array(ids))) - expected).max() <= FLOAT32_TOLERANCE
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["step_by_step", "compiled_step"])
-def test_cached_decode_matches_full_forward(checkpoint, compiled, monkeypatch):
+@pytest.mark.parametrize("compiled,extra_slots", [(False, 0), (True, 0), (False, 3), (True, 3)],
+                         ids=["step_by_step", "compiled_step", "step_by_step_longer_ring", "compiled_step_longer_ring"])
+def test_cached_decode_matches_full_forward(checkpoint, compiled, extra_slots, monkeypatch):
     """One-token steps, before and after the sliding windows fill (compiled: across buffer growth too), then a
-    prompt chunk on the same caches (a second turn) and more steps: every position's logits are the reference's."""
+    prompt chunk on the same caches (a second turn) and more steps: every position's logits are the reference's.
+    A ring longer than the window (the speculative loop's) must mask what is out of the window."""
     monkeypatch.setattr(decode_step, "CAPACITY_STEP", 4)
     folder, reference = checkpoint
     model = load_model(folder)
     window = model.config.text_config.sliding_window
     ids = random_ids(model.config.text_config.vocab_size, 3 * window + 14, seed=3)
     expected = reference_logits(reference, ids)
-    cache = model.make_cache()
+    cache = [WindowCache(window, window + extra_slots) if isinstance(c, WindowCache) else c
+             for c in model.make_cache()]
     step = decode_step.decode_step(model, cache) if compiled else (lambda token: model(token, cache=cache))
     pieces, position = [], 0
     for length in [2] + [1] * (2 * window + 3) + [5] + [1] * (window + 4):

@@ -10,10 +10,9 @@ from mlx_gemma4.draft_policy import DraftPolicy
 from mlx_gemma4.drafter import load_drafter
 from mlx_gemma4.errors import Gemma4Error
 from mlx_gemma4.generation import stream_generate
+from mlx_gemma4.kv_cache import WindowCache
 from mlx_gemma4.loading import load
-from mlx_gemma4.speculative import (
-    DraftStatistics, SlidingWindowCache, make_filter, speculative_generate_step,
-)
+from mlx_gemma4.speculative import DraftStatistics, make_filter, speculative_generate_step
 from multimodal_fixtures import DATA
 from reference_models import save_reference_checkpoint
 from speculative_fixtures import save_reference_assistant
@@ -33,10 +32,7 @@ def target_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory, target_folder):
-    # A small allocation step makes the sliding caches compact (drop old keys) every few rounds here.
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(SlidingWindowCache, "step", 5)
-        yield build_pair(tmp_path_factory, target_folder)
+    return build_pair(tmp_path_factory, target_folder)
 
 
 def build_pair(tmp_path_factory, target_folder):
@@ -266,10 +262,9 @@ def test_plain_rounds_sample_the_targets_filtered_distribution(pair, monkeypatch
     assert total_variation(counts, exact) < TV_BOUND
 
 
-def test_sliding_window_cache_hands_out_the_window_after_appends_compactions_and_trims():
-    window, retained = 4, 7
-    cache = SlidingWindowCache(window, retained)
-    cache.step = 2
+def test_window_ring_hands_out_the_window_after_appends_wraps_and_trims():
+    window, slots = 4, 9
+    cache = WindowCache(window, slots)
     positions = []  # the position each held key was written for
     rng = np.random.default_rng(0)
     for _ in range(60):
