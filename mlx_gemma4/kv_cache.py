@@ -38,20 +38,27 @@ class WindowCache:
             self.offset += 1
             visible = min(self.offset, self.slots)
             return self.keys[..., :visible, :], self.values[..., :visible, :]
+        length = keys.shape[2]
         earlier = min(self.offset, self.window - 1)
+        if earlier + length <= self.slots:
+            # The ring holds the earlier keys and the new ones together: write, then read them back in order (a
+            # view of the ring unless they wrap around its end).
+            self.offset += length
+            self.keys, self.values = self._written(self.keys, keys), self._written(self.values, values)
+            return self._in_order(self.keys, earlier + length), self._in_order(self.values, earlier + length)
         if earlier:
             keys = mx.concatenate([self._in_order(self.keys, earlier), keys], axis=2)
             values = mx.concatenate([self._in_order(self.values, earlier), values], axis=2)
-        self.offset += keys.shape[2] - earlier
+        self.offset += length
         self.keys, self.values = self._written(self.keys, keys), self._written(self.values, values)
         return keys, values
 
     def _in_order(self, ring: mx.array, count: int) -> mx.array:
         """The last `count` positions' rows, oldest first."""
-        if self.offset <= self.slots:
-            return ring[..., self.offset - count : self.offset, :]
-        oldest = self.offset % self.slots
-        return mx.concatenate([ring[..., oldest:, :], ring[..., :oldest, :]], axis=2)[..., -count:, :]
+        start = (self.offset - count) % self.slots
+        if start + count <= self.slots:
+            return ring[..., start : start + count, :]
+        return mx.concatenate([ring[..., start:, :], ring[..., : start + count - self.slots, :]], axis=2)
 
     def _written(self, ring: mx.array, recent: mx.array) -> mx.array:
         """The ring once `recent` (rows in position order, ending at the current offset) is written."""
