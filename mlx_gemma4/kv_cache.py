@@ -1,8 +1,8 @@
-"""The target's key/value caches for plain generation, laid out so that a one-token step has the same array shapes
-every time and can run as one compiled function (decode_step.py).
+"""The target's key/value caches, laid out so that a one-token step has the same array shapes every time and can run
+as one compiled function (decode_step.py), in plain generation and in the speculative loop alike.
 
-A sliding layer keeps a ring of `window` slots, position p in slot p % window, so a step writes one slot and reads
-the whole ring; a full layer keeps its keys in position order in a buffer that only grows, so a step writes one
+A sliding layer keeps a ring of slots (the window, or a little more where drafts are rolled back), position p in
+slot p % slots, so a step writes one slot and reads the whole ring; a full layer keeps its keys in position order in a buffer that only grows, so a step writes one
 row and reads the buffer, masking the rows not yet written. Outside a compiled step both behave as mlx-lm's
 RotatingKVCache and KVCache do: a prompt chunk gets its keys in position order, a sliding one with the window - 1
 earlier keys before its own.
