@@ -5,7 +5,7 @@
 
 A 12B decode step at 4 bits reads ~7 GB; at H100 bandwidth that is ~2 ms, yet a step takes 10-20 ms: it is bound by
 the host handing ~1,000 kernels to the GPU and building the graph in Python, not by memory
-(results/h100-decode-profile.md). Each runtime is measured in turn, twice round, so that a drifting host clock
+(results/h100-decode-profile.md). Each runtime is measured in turn, --rounds times round, so that a drifting host clock
 touches all of them alike.
 """
 
@@ -18,13 +18,9 @@ import mlx.core as mx
 
 from mlx_gemma4.decode_step import decode_step
 
-PROMPT_TOKENS = 512
-
-
-def prefilled(model):
+def prefilled(model, prompt_tokens: int):
     cache = model.make_cache()
-    mx.eval(model(mx.arange(10, 10 + PROMPT_TOKENS)[None], cache=cache))
-    mx.eval([c.state for c in cache])
+    mx.eval(model(mx.arange(10, 10 + prompt_tokens)[None], cache=cache), [c.state for c in cache])
     return cache
 
 
@@ -32,9 +28,9 @@ def forward(model, cache):
     return lambda token: model(token, cache=cache)
 
 
-def synchronous_ms(model, make_step, steps: int) -> float:
+def synchronous_ms(step, steps: int) -> float:
     """Latency of one step on its own: build, run, wait."""
-    step, token, times = make_step(model, prefilled(model)), mx.array([[7]]), []
+    token, times = mx.array([[7]]), []
     for _ in range(steps):
         start = time.perf_counter()
         mx.eval(step(token))
@@ -42,9 +38,8 @@ def synchronous_ms(model, make_step, steps: int) -> float:
     return 1000 * statistics.median(times)
 
 
-def pipelined_ms(model, make_step, steps: int) -> float:
+def pipelined_ms(step, steps: int) -> float:
     """Per step when the next step is queued before the current one is read, as generate_step runs."""
-    step = make_step(model, prefilled(model))
     token = mx.array([7])
     mx.eval(token)
     start = time.perf_counter()
@@ -64,7 +59,6 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--prompt-tokens", type=int, default=512)
     args = parser.parse_args(argv)
-    globals()["PROMPT_TOKENS"] = args.prompt_tokens
     from mlx_lm.utils import load_model as load_mlx_lm
 
     from mlx_gemma4.loading import load_model
@@ -82,12 +76,13 @@ def main(argv=None):
         logits = make_step(runtime, cache)(mx.array([[5]])).astype(mx.float32)
         reference = logits if reference is None else reference
         differences[name] = mx.abs(logits - reference).max().item()  # a variant must compute the same model
-        synchronous_ms(runtime, make_step, 8), pipelined_ms(runtime, make_step, 8)  # compile its kernels first
+        for timed in (synchronous_ms, pipelined_ms):  # compile this variant's kernels first
+            timed(make_step(runtime, prefilled(runtime, args.prompt_tokens)), 8)
     timings = {name: [] for name, _, _ in variants}
     for _ in range(args.rounds):
         for name, runtime, make_step in variants:
-            timings[name].append((synchronous_ms(runtime, make_step, args.steps),
-                                  pipelined_ms(runtime, make_step, args.steps)))
+            timings[name].append(tuple(timed(make_step(runtime, prefilled(runtime, args.prompt_tokens)), args.steps)
+                                       for timed in (synchronous_ms, pipelined_ms)))
     print("| runtime | ms per step, synchronous | ms per step, pipelined | tok/s pipelined | max logit difference |")
     print("|---|---|---|---|---|")
     for name, _, _ in variants:
