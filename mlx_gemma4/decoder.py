@@ -268,7 +268,7 @@ class TextModel(nn.Module):
 
     def masks(self, offset: int, length: int, block_ids: Optional[mx.array]) -> dict:
         if length == 1:
-            # One query: every cached key is in the past, and a rotating cache holds exactly the window.
+            # One query: every cached key is in the past, and a window cache hands it only keys within the window.
             return {FULL: None, SLIDING: None}
         full = "causal" if block_ids is None else PositionMask(offset, length, None, block_ids)
         return {FULL: full, SLIDING: PositionMask(offset, length, self.config.sliding_window, block_ids)}
