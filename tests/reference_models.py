@@ -91,7 +91,7 @@ def build_reference_model(text_overrides=None, vision=True, audio=True, seed=0, 
     return model
 
 
-def save_tokenizer(folder: Path, vocab_size: int):
+def save_tokenizer(folder: Path, vocab_size: int, special_tokens=SPECIAL_TOKENS, chat_template=CHAT_TEMPLATE):
     """A byte-fallback BPE tokenizer shaped like Gemma's (SentencePiece-style ▁ spaces), `vocab_size` entries."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -101,16 +101,16 @@ def save_tokenizer(folder: Path, vocab_size: int):
     tokenizer.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
     tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS + BYTE_TOKENS, show_progress=False,
+        vocab_size=vocab_size, special_tokens=special_tokens + BYTE_TOKENS, show_progress=False,
         initial_alphabet=[], limit_alphabet=40,
     )
     tokenizer.train_from_iterator([TRAINING_TEXT], trainer=trainer)
     assert tokenizer.get_vocab_size() <= vocab_size
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
-        additional_special_tokens=SPECIAL_TOKENS[5:],
+        additional_special_tokens=special_tokens[5:],
     )
-    wrapped.chat_template = CHAT_TEMPLATE
+    wrapped.chat_template = chat_template
     wrapped.save_pretrained(str(folder))
     return wrapped
 
@@ -122,11 +122,12 @@ def special_token_ids(folder: Path) -> dict:
     return vocab
 
 
-def save_reference_checkpoint(folder: Path, text_overrides=None, vision=True, audio=True, seed=0):
-    """Tokenizer first (its special ids become the config's), then the random reference model. Returns the model."""
+def save_reference_checkpoint(folder: Path, text_overrides=None, vision=True, audio=True, seed=0, **tokenizer_options):
+    """Tokenizer first (its special ids become the config's), then the random reference model. Returns the model.
+    `tokenizer_options` go to save_tokenizer (more special tokens, another chat template)."""
     folder = Path(folder)
     vocab_size = (text_overrides or {}).get("vocab_size", text_config()["vocab_size"])
-    save_tokenizer(folder, vocab_size)
+    save_tokenizer(folder, vocab_size, **tokenizer_options)
     ids = special_token_ids(folder)
     token_ids = dict(
         boi_token_id=ids["<|image>"], eoi_token_id=ids["<image|>"], image_token_id=ids["<|image|>"],
