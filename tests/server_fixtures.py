@@ -2,7 +2,9 @@
 chat template that declares tools, writes tool calls and tool responses in Gemma 4's syntax (written for these tests:
 the shape of the real template, not its text), and a server started on it in a subprocess."""
 
+import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -60,8 +62,15 @@ TOOL_CHAT_TEMPLATE = (
 
 
 def save_server_checkpoint(folder: Path, seed: int = 3, **text_overrides):
-    return save_reference_checkpoint(folder, text_overrides or None, seed=seed,
-                                     special_tokens=SPECIAL_TOKENS + TOOL_TOKENS, chat_template=TOOL_CHAT_TEMPLATE)
+    model = save_reference_checkpoint(folder, text_overrides or None, seed=seed,
+                                      special_tokens=SPECIAL_TOKENS + TOOL_TOKENS, chat_template=TOOL_CHAT_TEMPLATE)
+    # The trainer registers the byte-fallback tokens as added special tokens; Gemma's own tokenizer keeps them in the
+    # plain vocabulary, and the grammar engine reads special tokens as never producing text.
+    path = Path(folder) / "tokenizer.json"
+    tokenizer = json.loads(path.read_text())
+    tokenizer["added_tokens"] = [t for t in tokenizer["added_tokens"] if not re.fullmatch(r"<0x[0-9A-F]{2}>", t["content"])]
+    path.write_text(json.dumps(tokenizer))
+    return model
 
 
 def free_port() -> int:

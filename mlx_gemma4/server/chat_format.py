@@ -74,8 +74,9 @@ def render_chat(processor, messages: list, tools: Optional[list], tool_choice, o
 
 
 def forced_tool_grammar(tools: list, tool_choice, token_id) -> Optional[str]:
-    """A Lark grammar for one tool call in Gemma 4's syntax when tool_choice demands one ("required" or a named
-    function), else None. Arguments are the function's required parameters in declared order, typed as declared."""
+    """A Lark grammar (llguidance's) for one tool call in Gemma 4's syntax when tool_choice demands one ("required"
+    or a named function), else None. The arguments are the function's required parameters in declared order, each
+    typed as declared (a string's maxLength and enum kept)."""
     if not tools or tool_choice in (None, "auto", "none"):
         return None
     functions = [tool["function"] for tool in tools]
@@ -84,25 +85,35 @@ def forced_tool_grammar(tools: list, tool_choice, token_id) -> Optional[str]:
         functions = [f for f in functions if f["name"] == name]
         if not functions:
             raise Gemma4Error(f"tool_choice names {name!r}, which is not among the tools")
-    quote = token_id(STRING_MARK)
-    string = f"<[{quote}]> /[^<]{{0,48}}/ <[{quote}]>" if quote is not None else r'"\"" /[^"<]{0,48}/ "\""'
-    values = {"string": "string_value", "integer": "INTEGER", "number": "NUMBER", "boolean": "BOOLEAN"}
+    quote = f"<[{token_id(STRING_MARK)}]>" if token_id(STRING_MARK) is not None else '"\\""'
     calls = []
     for function in functions:
         parameters = function.get("parameters") or {}
         properties = parameters.get("properties", {})
-        pairs = [f'"{key}:" {values.get(properties.get(key, {}).get("type"), "string_value")}'
-                 for key in parameters.get("required", [])]
+        pairs = [f'"{key}:" {argument_rule(properties.get(key, {}), quote)}' for key in parameters.get("required", [])]
         arguments = ' "," '.join(pairs)
         calls.append(f'"call:{function["name"]}{{" {arguments} "}}"')
+    # The call ends the model's part of the turn where the template puts the caller's result.
+    response = token_id(TOOL_RESPONSE_START)
+    handover = f" <[{response}]>" if response is not None else ""
     return "\n".join([
-        f"start: <[{token_id(TOOL_CALL_START)}]> call <[{token_id(TOOL_CALL_END)}]>",
-        "call: " + " | ".join(calls),
-        f"string_value: {string}",
-        "INTEGER: /-?[0-9]{1,9}/",
-        r"NUMBER: /-?[0-9]{1,9}(\.[0-9]{1,6})?/",
-        'BOOLEAN: "true" | "false"',
+        f"start: <[{token_id(TOOL_CALL_START)}]> call <[{token_id(TOOL_CALL_END)}]>{handover}",
+        "call: " + " | ".join(f"({call})" for call in calls),
     ])
+
+
+def argument_rule(schema: dict, quote: str) -> str:
+    kind = schema.get("type")
+    if kind == "integer":
+        return "/-?[0-9]{1,18}/"
+    if kind == "number":
+        return r"/-?[0-9]{1,18}(\.[0-9]{1,18})?/"
+    if kind == "boolean":
+        return '("true" | "false")'
+    if schema.get("enum"):
+        return "(" + " | ".join(f"{quote} {json.dumps(str(value))} {quote}" for value in schema["enum"]) + ")"
+    length = f"{{0,{int(schema['maxLength'])}}}" if "maxLength" in schema else "*"
+    return f"{quote} /(?s:.){length}/ {quote}"
 
 
 def gemma_arguments_to_json(text: str) -> dict:
