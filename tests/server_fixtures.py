@@ -115,3 +115,57 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"]}}}
+WEATHER_QUESTION = "What is the weather in Paris?"
+WEATHER_THOUGHT = "Ask the tool."
+WEATHER_CALL_ARGUMENTS = {"city": "Paris"}
+WEATHER_RESULT = "sunny"
+WEATHER_ANSWER = "It is sunny."
+
+
+def weather_conversation(call_id: str = "call_0") -> tuple:
+    """(first turn's messages, the model's reply to them, second turn's messages, the reply to those): thinking,
+    a tool call, then an answer from the tool's result."""
+    first = [{"role": "user", "content": WEATHER_QUESTION}]
+    first_reply = (f"<|channel>thought\n{WEATHER_THOUGHT}<channel|><|tool_call>call:get_weather"
+                   f'{{city:<|"|>Paris<|"|>}}<tool_call|><|tool_response>')
+    call = {"id": call_id, "type": "function",
+            "function": {"name": "get_weather", "arguments": WEATHER_CALL_ARGUMENTS}}
+    second = first + [{"role": "assistant", "content": "", "tool_calls": [call]},
+                      {"role": "tool", "tool_call_id": call_id, "name": "get_weather", "content": WEATHER_RESULT}]
+    return first, first_reply, second, f"{WEATHER_ANSWER}<turn|>"
+
+
+def teach_weather_conversation(model, folder: Path, steps: int = 120, learning_rate: float = 1e-2):
+    """Trains the tiny reference model (torch) until its greedy replies are the weather conversation's, so that the
+    server's thinking and tool-call parsing meet what a model really wrote. Saves it over the checkpoint."""
+    import torch
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    first, first_reply, second, second_reply = weather_conversation()
+    sequences = []
+    for messages, reply in ((first, first_reply), (second, second_reply)):
+        prompt = tokenizer.apply_chat_template(messages, tools=[WEATHER_TOOL], enable_thinking=True, tokenize=False,
+                                               add_generation_prompt=True)
+        prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
+        reply_ids = tokenizer.encode(reply, add_special_tokens=False)
+        sequences.append((prompt_ids + reply_ids, len(prompt_ids)))
+    torch.manual_seed(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    model.train()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = 0
+        for ids, prompt_length in sequences:
+            logits = model(input_ids=torch.tensor([ids])).logits[0, prompt_length - 1 : -1]
+            loss = loss + torch.nn.functional.cross_entropy(logits, torch.tensor(ids[prompt_length:]))
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    model.save_pretrained(str(folder))
+    return loss.item()
