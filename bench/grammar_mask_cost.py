@@ -108,7 +108,7 @@ def walk(grammar_tokenizer, schema: dict, document: bytes, end: int) -> list:
 
     by_bytes = {}
     for token in range(VOCAB_SIZE):
-        by_bytes.setdefault(grammar_tokenizer.decode_bytes([token]), token)
+        by_bytes.setdefault(grammar_tokenizer.decode_bytes([token]), []).append(token)
     longest = max(map(len, by_bytes))
     grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema),
                                                              overrides={"whitespace_flexible": False})
@@ -119,8 +119,8 @@ def walk(grammar_tokenizer, schema: dict, document: bytes, end: int) -> list:
         llguidance.numpy.fill_next_token_bitmask(matcher, bitmask)
         allowed = np.unpackbits(bitmask.view(np.uint8), bitorder="little")
         for length in range(min(longest, len(document) - position), 0, -1):
-            token = by_bytes.get(document[position : position + length])
-            if token is not None and allowed[token]:
+            token = next((t for t in by_bytes.get(document[position : position + length], []) if allowed[t]), None)
+            if token is not None:
                 break
         else:
             raise AssertionError(f"no allowed token continues the document at byte {position}")

@@ -41,8 +41,9 @@ def can_rewind(cache: list, length: int) -> bool:
     """Whether every layer can be moved back to hold exactly the first `length` positions. A ring must still hold the
     window before `length` and the one key past it the MTP drafter reads."""
     for layer in cache:
-        if isinstance(layer, WindowCache) and layer.offset > layer.slots:
-            if layer.offset - length > layer.slots - layer.window - 1:
+        dropped = layer.offset - length
+        if isinstance(layer, WindowCache) and layer.offset > layer.slots and dropped > 0:
+            if dropped > layer.slots - layer.window - 1:
                 return False
     return True
 
@@ -81,9 +82,9 @@ class PromptCacheStore:
         return sum(entry.nbytes for entry in self.entries.values())
 
     def take(self, keys: list) -> tuple:
-        """(cache, reused length): the entry covering the longest prefix of `keys` that leaves at least one key to
-        feed (the model needs one to give the next token's logits), moved back to that prefix and out of the store;
-        or a fresh cache and 0."""
+        """(cache, reused length): a copy of the entry covering the longest prefix of `keys` that leaves at least one
+        key to feed (the model needs one to give the next token's logits), moved back to that prefix; or a fresh
+        cache and 0. The entry stays, so that a retried or branched request finds it again."""
         best: Optional[tuple] = None
         for entry_id, entry in self.entries.items():
             length = min(common_prefix(entry.keys, keys), len(keys) - 1)
@@ -93,9 +94,10 @@ class PromptCacheStore:
                 best = (entry_id, length)
         if best is None:
             return self.make_cache(), 0
-        entry = self.entries.pop(best[0])
-        rewind(entry.cache, best[1])
-        return entry.cache, best[1]
+        self.entries.move_to_end(best[0])
+        cache = snapshot(self.entries[best[0]].cache)
+        rewind(cache, best[1])
+        return cache, best[1]
 
     def put(self, keys: list, cache: list):
         if not keys or cache[0].offset != len(keys):
