@@ -6,7 +6,8 @@ import torch
 
 from mlx_gemma4.decode_step import CompiledSteps
 from mlx_gemma4.errors import Gemma4Error
-from mlx_gemma4.generation import generate, prefill_chunks, stream_generate, stream_responses
+from mlx_gemma4.decoding import prefill_chunks
+from mlx_gemma4.generation import generate, stream_generate, stream_responses
 from mlx_gemma4.loading import load
 from reference_models import save_reference_checkpoint
 
