@@ -5,8 +5,8 @@ cost is paid per token on the host while the accelerator waits.
 No Gemma tokenizer can be downloaded here, so the vocabulary is synthetic but shaped like one: the 256 byte-fallback
 tokens, Gemma's specials, then SentencePiece-style pieces (words and word starts with and without the ▁ space
 marker, numbers, punctuation runs, CJK characters) up to 262,144 entries. Each engine walks the same token sequence of
-a valid document per schema, timing the mask at every step: at each step the longest token that the grammar allows
-and that continues the document (llguidance forces canonical tokens where the grammar fixes the next bytes).
+a valid document per schema, timing the mask at every step and then taking the longest token that the mask allows
+and that continues the document (an engine may force canonical tokens where the grammar fixes the next bytes).
 
     python bench/grammar_mask_cost.py [--out bench/results/grammar-mask-cost.json]
 """
@@ -101,36 +101,40 @@ def summary(times: list) -> dict:
             "p90_ms": 1e3 * ordered[int(0.9 * (len(ordered) - 1))], "max_ms": 1e3 * ordered[-1]}
 
 
-def walk(grammar_tokenizer, schema: dict, document: bytes, end: int) -> list:
-    """The tokens of `document` as a constrained decoder could write them."""
-    import llguidance
-    import llguidance.numpy
-
+def token_table(grammar_tokenizer) -> tuple:
+    """({token bytes: [token ids]}, longest token in bytes)."""
     by_bytes = {}
     for token in range(VOCAB_SIZE):
         by_bytes.setdefault(grammar_tokenizer.decode_bytes([token]), []).append(token)
-    longest = max(map(len, by_bytes))
-    grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema),
-                                                             overrides={"whitespace_flexible": False})
-    matcher = llguidance.LLMatcher(grammar_tokenizer, grammar, log_level=0)
-    bitmask = llguidance.numpy.allocate_token_bitmask(1, VOCAB_SIZE)
-    tokens, position = [], 0
-    while position < len(document):
-        llguidance.numpy.fill_next_token_bitmask(matcher, bitmask)
-        allowed = np.unpackbits(bitmask.view(np.uint8), bitorder="little")
-        for length in range(min(longest, len(document) - position), 0, -1):
-            token = next((t for t in by_bytes.get(document[position : position + length], []) if allowed[t]), None)
-            if token is not None:
-                break
-        else:
-            raise AssertionError(f"no allowed token continues the document at byte {position}")
-        assert matcher.consume_token(token)
-        tokens.append(token)
+    return by_bytes, max(map(len, by_bytes))
+
+
+def next_token(table: tuple, allowed: np.ndarray, document: bytes, position: int) -> tuple:
+    """(token, its length in bytes): the longest token the mask allows that continues `document` at `position`."""
+    by_bytes, longest = table
+    for length in range(min(longest, len(document) - position), 0, -1):
+        token = next((t for t in by_bytes.get(document[position : position + length], []) if allowed[t]), None)
+        if token is not None:
+            return token, length
+    raise AssertionError(f"no allowed token continues the document at byte {position}")
+
+
+def timed_walk(fill, consume, table: tuple, document: bytes, end: int) -> list:
+    """Mask times along the document, then at its end; `fill()` returns the allowed-token bits."""
+    times, position = [], 0
+    while True:
+        start = time.perf_counter()
+        allowed = fill()
+        times.append(time.perf_counter() - start)
+        if position == len(document):
+            assert allowed[end], "the grammar does not end where the document does"
+            return times
+        token, length = next_token(table, allowed, document, position)
+        assert consume(token)
         position += length
-    return tokens
 
 
-def measure_llguidance(tokenizer, end: int, schema: dict, tokens: list) -> dict:
+def measure_llguidance(tokenizer, end: int, schema: dict, document: bytes, table: tuple) -> dict:
     import llguidance
     import llguidance.hf
     import llguidance.numpy
@@ -142,18 +146,16 @@ def measure_llguidance(tokenizer, end: int, schema: dict, tokens: list) -> dict:
     matcher = llguidance.LLMatcher(grammar_tokenizer, grammar, log_level=0)
     compile_seconds = time.perf_counter() - start
     bitmask = llguidance.numpy.allocate_token_bitmask(1, VOCAB_SIZE)
-    times = []
-    for token in tokens + [end]:
-        start = time.perf_counter()
+
+    def fill():
         llguidance.numpy.fill_next_token_bitmask(matcher, bitmask)
-        times.append(time.perf_counter() - start)
-        assert np.unpackbits(bitmask.view(np.uint8), bitorder="little")[token], "the walk left the grammar"
-        assert matcher.consume_token(token), matcher.get_error()
+        return np.unpackbits(bitmask.view(np.uint8), bitorder="little")
+
+    times = timed_walk(fill, matcher.consume_token, table, document, end)
     return {**summary(times), "compile_ms": 1e3 * compile_seconds}
 
 
-def measure_xgrammar(tokenizer, end: int, schema: dict, tokens: list) -> dict:
-    import torch
+def measure_xgrammar(tokenizer, end: int, schema: dict, document: bytes, table: tuple) -> dict:
     import xgrammar
 
     info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=VOCAB_SIZE, stop_token_ids=[end])
@@ -163,15 +165,12 @@ def measure_xgrammar(tokenizer, end: int, schema: dict, tokens: list) -> dict:
     compile_seconds = time.perf_counter() - start
     matcher = xgrammar.GrammarMatcher(compiled)
     bitmask = xgrammar.allocate_token_bitmask(1, VOCAB_SIZE)
-    times = []
-    for token in tokens + [end]:
-        start = time.perf_counter()
+
+    def fill():
         matcher.fill_next_token_bitmask(bitmask)
-        times.append(time.perf_counter() - start)
-        allowed = np.unpackbits(bitmask.numpy().view(np.uint8), bitorder="little")
-        assert allowed[token], "the walk left the grammar"
-        assert matcher.accept_token(token)
-    del torch
+        return np.unpackbits(bitmask.numpy().view(np.uint8), bitorder="little")
+
+    times = timed_walk(fill, matcher.accept_token, table, document, end)
     return {**summary(times), "compile_ms": 1e3 * compile_seconds}
 
 
@@ -205,12 +204,13 @@ def main():
     results = {"vocab_size": VOCAB_SIZE, "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
                "python": sys.version.split()[0], "engines": {}, "note": "CPU, this 2-core shared machine; "
                "mask time is host work on any backend"}
-    walks = {name: walk(walker, schema, json.dumps(document, separators=(",", ":")).encode(), end)
-             for name, (schema, document) in SCHEMAS.items()}
+    table = token_table(walker)
     for name, measure in (("llguidance", measure_llguidance), ("xgrammar", measure_xgrammar)):
         try:
-            results["engines"][name] = {schema_name: measure(tokenizer, end, schema, walks[schema_name])
-                                        for schema_name, (schema, _) in SCHEMAS.items()}
+            results["engines"][name] = {
+                schema_name: measure(tokenizer, end, schema, json.dumps(document, separators=(",", ":")).encode(),
+                                     table)
+                for schema_name, (schema, document) in SCHEMAS.items()}
         except ImportError as error:
             results["engines"][name] = {"error": str(error)}
     results["mask_application"] = measure_mask_application()

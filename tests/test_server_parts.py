@@ -105,16 +105,18 @@ def collect(engine: Engine, ids: list, max_tokens: int = 12) -> tuple:
     return [e.token for e in events if isinstance(e, Piece)], events[-1]
 
 
-def conversation(processor, engine: Engine) -> list:
-    """Three turns; each reply goes back as text, so its tokens are re-encoded as the next prompt's."""
-    messages, prompts = [], []
+def conversation(processor, engine: Engine) -> tuple:
+    """Three turns; each reply goes back as text, so its tokens are re-encoded as the next prompt's. Returns the
+    prompts and the replies' tokens."""
+    messages, prompts, replies = [], [], []
     for question in ("Hello fox", "And the lazy dog?", "Numbers: 1 2 3"):
         messages.append({"role": "user", "content": question})
         ids = processor.encode(processor.apply_chat_template(messages))
-        prompts.append(ids)
         tokens, _ = collect(engine, ids)
+        prompts.append(ids)
+        replies.append(tokens)
         messages.append({"role": "assistant", "content": processor.tokenizer.decode(tokens)})
-    return prompts
+    return prompts, replies
 
 
 @pytest.mark.parametrize("with_drafter", [False, True], ids=["plain", "drafter"])
@@ -122,7 +124,7 @@ def test_cached_turns_give_the_cold_turns_greedy_tokens(library, drafter, with_d
     model, processor = library
     make_cache = (lambda: make_speculative_cache(model)) if with_drafter else model.make_cache
     cached = Engine(model, processor, PromptCacheStore(make_cache), drafter if with_drafter else None)
-    prompts = conversation(processor, cached)
+    prompts, _ = conversation(processor, cached)
     for ids in prompts:
         cold = Engine(model, processor, PromptCacheStore(model.make_cache))
         warm_tokens, warm_end = collect(cached, ids)
@@ -134,9 +136,11 @@ def test_cached_turns_give_the_cold_turns_greedy_tokens(library, drafter, with_d
 def test_a_later_turn_prefills_only_what_it_adds(library):
     model, processor = library
     engine = Engine(model, processor, PromptCacheStore(model.make_cache))
-    prompts = conversation(processor, engine)
-    _, end = collect(engine, prompts[-1] + processor.encode("<|turn>user\nMore<turn|>"))
-    assert end.cached_tokens == len(prompts[-1]) + 12  # the whole last turn: its prompt and its reply as fed
+    prompts, replies = conversation(processor, engine)
+    fed = prompts[-1] + replies[-1]
+    added = processor.tokenizer.encode("\n<|turn>user\nMore<turn|>\n<|turn>model\n", add_special_tokens=False)
+    _, end = collect(engine, fed + added)
+    assert end.cached_tokens == len(fed)  # the whole last turn: its prompt and its reply as fed
 
 
 def test_a_wrapped_window_ring_cannot_go_back_but_a_longer_ring_can(library):

@@ -8,7 +8,7 @@ import threading
 
 from ..errors import Gemma4Error
 from ..generate import OneLineParser
-from ..generation import DEFAULT_PREFILL_STEP_SIZE
+from ..decoding import DEFAULT_PREFILL_STEP_SIZE
 from .app import DEFAULT_MAX_TOKENS
 from .engine import DEFAULT_MAX_QUEUED
 from .media import DEFAULT_MAX_MEDIA_BYTES

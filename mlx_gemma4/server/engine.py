@@ -16,7 +16,8 @@ from typing import Callable, Optional
 import mlx.core as mx
 
 from ..errors import Gemma4Error
-from ..generation import DEFAULT_PREFILL_STEP_SIZE, generation_stream, prefill_chunks, stream_generate
+from ..decoding import DEFAULT_PREFILL_STEP_SIZE, generation_stream, prefill_chunks
+from ..generation import stream_generate
 from .prompt_cache_store import PromptCacheStore, snapshot
 
 DEFAULT_MAX_QUEUED = 16
