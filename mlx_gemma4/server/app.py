@@ -18,7 +18,7 @@ from ..errors import Gemma4Error
 from ..processor import END_OF_TURN_TOKEN
 from .chat_format import (TOOL_RESPONSE_START, ReplyParser, forced_tool_grammar, render_chat,
                           template_options)
-from .engine import Engine, Failed, Finished, Job, Piece, Prompt, QueueFull, Settings, media_keys
+from .engine import Engine, Failed, Finished, Job, Piece, Prompt, QueueFull, Settings, build_prompt
 from .media import MediaPolicy, message_media
 from .schema import ChatCompletionRequest, CompletionRequest, error_body
 from .security import DEFAULT_MAX_REQUEST_BYTES, Gatekeeper
@@ -93,14 +93,7 @@ class Server:
         return Prompt(ids, list(ids))
 
     def chat_prompt(self, text: str, media: dict) -> Prompt:
-        if not (media["images"] or media["audio"] or media["video"]):
-            return self.text_prompt(text)
-        from ..multimodal import media_prompt
-
-        model = self.engine.model
-        ids, inputs = media_prompt(model, self.processor, text, media["images"] or None, media["audio"] or None,
-                                   media["video"])
-        return Prompt(ids, media_keys(ids, model.config, media), inputs["input_embeddings"], inputs["block_ids"])
+        return build_prompt(self.engine.model, self.processor, text, media)
 
     def checked(self, prompt: Prompt) -> Prompt:
         limit = self.engine.model.config.text_config.max_position_embeddings

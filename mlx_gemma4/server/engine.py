@@ -107,6 +107,19 @@ def digest(item: bytes) -> str:
     return hashlib.sha256(item).hexdigest()
 
 
+def build_prompt(model, processor, text: str, media: dict) -> Prompt:
+    """The Prompt for chat-formatted `text` holding one placeholder per item of `media` ({"images": [bytes],
+    "audio": [bytes], "video": bytes or None}); mlx work, so on the generation thread."""
+    if not (media.get("images") or media.get("audio") or media.get("video") is not None):
+        ids = processor.encode(text)
+        return Prompt(ids, list(ids))
+    from ..multimodal import media_prompt
+
+    ids, inputs = media_prompt(model, processor, text, media.get("images") or None, media.get("audio") or None,
+                               media.get("video"))
+    return Prompt(ids, media_keys(ids, model.config, media), inputs["input_embeddings"], inputs["block_ids"])
+
+
 class Engine:
     def __init__(self, model, processor, store: PromptCacheStore, draft_model=None,
                  max_queued: int = DEFAULT_MAX_QUEUED, prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
