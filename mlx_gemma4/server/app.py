@@ -13,6 +13,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from ..errors import Gemma4Error
 from ..processor import END_OF_TURN_TOKEN
@@ -158,6 +159,25 @@ def chat_logprobs(server: Server, piece: Piece) -> dict:
     return entry
 
 
+def chat_job(server: Server, body: ChatCompletionRequest) -> Job:
+    tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
+    tool_choice = body.tool_choice.model_dump() if hasattr(body.tool_choice, "model_dump") else body.tool_choice
+    options = {**server.config.chat_template_args, **template_options(body.chat_template_kwargs,
+                                                                      body.reasoning_effort)}
+    text = render_chat(server.processor, body.messages, tools, tool_choice, options)
+    media = message_media(body.messages, server.config.media)
+    grammar = forced_tool_grammar(tools, tool_choice, server.token_id)
+    if body.response_format is not None and body.response_format.type != "text" and grammar is None:
+        from .constrained import json_grammar
+
+        schema = body.response_format.json_schema.schema_ if body.response_format.json_schema else None
+        grammar = json_grammar(schema)
+    extra_stops = {server.token_id(TOOL_RESPONSE_START)} - {None} if tools else set()
+    top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    settings = server.settings(body, body.token_limit(), top_logprobs, grammar, extra_stops)
+    return Job(lambda: server.checked(server.chat_prompt(text, media)), settings, send=None)
+
+
 def create_app(server: Server) -> FastAPI:
     app = FastAPI(title="mlx-gemma4", docs_url=None, redoc_url=None, openapi_url=None)
     if server.config.allowed_origins:
@@ -196,22 +216,8 @@ def create_app(server: Server) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
-        tool_choice = body.tool_choice.model_dump() if hasattr(body.tool_choice, "model_dump") else body.tool_choice
-        options = {**server.config.chat_template_args, **template_options(body.chat_template_kwargs,
-                                                                          body.reasoning_effort)}
-        text = render_chat(server.processor, body.messages, tools, tool_choice, options)
-        media = message_media(body.messages, server.config.media)
-        grammar = forced_tool_grammar(tools, tool_choice, server.token_id)
-        if body.response_format is not None and body.response_format.type != "text" and grammar is None:
-            from .constrained import json_grammar
-
-            schema = body.response_format.json_schema.schema_ if body.response_format.json_schema else None
-            grammar = json_grammar(schema)
-        extra_stops = {server.token_id(TOOL_RESPONSE_START)} - {None} if tools else set()
-        top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        settings = server.settings(body, body.token_limit(), top_logprobs, grammar, extra_stops)
-        job = Job(lambda: server.checked(server.chat_prompt(text, media)), settings, send=None)
+        # Rendering, base64 decoding and grammar compiling take a while for large requests: off the event loop.
+        job = await run_in_threadpool(chat_job, server, body)
         events, first = await run_job(server, request, job)
         if events is None:
             return first

@@ -61,8 +61,8 @@ class ConstrainedSampler:
         if self.last_token is not None:
             self.consume(self.last_token.item())
         llguidance.numpy.fill_next_token_bitmask(self.matcher, self.bitmask)
-        allowed = np.unpackbits(self.bitmask.view(np.uint8), bitorder="little")[: logprobs.shape[-1]]
-        token = self.sampler(mx.where(mx.array(allowed.astype(np.bool_))[None], logprobs, -mx.inf))
+        allowed = np.unpackbits(self.bitmask.view(np.uint8), bitorder="little")[: logprobs.shape[-1]].view(np.bool_)
+        token = self.sampler(mx.where(mx.array(allowed)[None], logprobs, -mx.inf))
         self.last_token = token
         return token
 
