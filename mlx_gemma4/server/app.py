@@ -172,7 +172,8 @@ def chat_job(server: Server, body: ChatCompletionRequest) -> Job:
 
         schema = body.response_format.json_schema.schema_ if body.response_format.json_schema else None
         grammar = json_grammar(schema)
-    extra_stops = {server.token_id(TOOL_RESPONSE_START)} - {None} if tools else set()
+    # A reply ends where the caller's tool result would go (with or without tools: nothing after it is content).
+    extra_stops = {server.token_id(TOOL_RESPONSE_START)} - {None}
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     settings = server.settings(body, body.token_limit(), top_logprobs, grammar, extra_stops)
     return Job(lambda: server.checked(server.chat_prompt(text, media)), settings, send=None)
