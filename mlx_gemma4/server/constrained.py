@@ -5,11 +5,12 @@ mask at Gemma 4's 262,144-token vocabulary (bench/grammar_mask_cost.py, bench/re
 The grammar's end is the end-of-turn token: the only token it allows once the value is complete, so the stream stops
 there. A reply cut by max_tokens says so (finish_reason "length") and is the valid prefix it reached."""
 
+import copy
 import json
+import re
 from typing import Callable, Optional
 
 import llguidance
-import llguidance.hf
 import llguidance.numpy
 import mlx.core as mx
 import numpy as np
@@ -20,14 +21,25 @@ from ..errors import Gemma4Error
 JSON_OPTIONS = {"whitespace_flexible": False}
 
 
+BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
 class GrammarTokenizer:
-    """The tokenizer as llguidance sees it (building it takes ~1 s at a 262K vocabulary: made once per server)."""
+    """The tokenizer as llguidance sees it (building it takes ~1 s at a 262K vocabulary: made once per server).
+
+    llguidance reads an added special token as writing no text. Some tokenizers register their byte-fallback
+    tokens (`<0x7B>`) that way; they are bytes like any other piece, so they go back to the plain vocabulary here."""
 
     def __init__(self, processor, end_token: int):
-        hf_tokenizer = processor.tokenizer._tokenizer
+        backend = copy.copy(processor.tokenizer._tokenizer.backend_tokenizer)
+        backend.no_padding()
+        backend.no_truncation()
+        description = json.loads(backend.to_str())
+        description["added_tokens"] = [token for token in description.get("added_tokens", [])
+                                       if not BYTE_TOKEN.fullmatch(token["content"])]
         self.vocab_size = processor.config.text_config.vocab_size
         self.end_token = end_token
-        self.tokenizer = llguidance.hf.from_tokenizer(hf_tokenizer, n_vocab=self.vocab_size, eos_token=end_token)
+        self.tokenizer = llguidance.LLTokenizer(json.dumps(description), n_vocab=self.vocab_size, eos_token=end_token)
 
 
 def json_grammar(schema: Optional[dict]) -> str:
