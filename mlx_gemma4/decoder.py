@@ -8,7 +8,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .attention_mask import PositionMask, resolve
+from .attention import scaled_dot_product_attention
+from .attention_mask import PositionMask
 from .config import FULL, SLIDING, TextConfig
 from .errors import Gemma4Error
 from .kv_cache import FullCache, WindowCache
@@ -101,9 +102,7 @@ class Attention(nn.Module):
                 shared_kv[self.kind] = (keys, values)
 
         # Scale 1: q_norm already normalises the queries, as in the reference (`self.scaling = 1.0`).
-        output = mx.fast.scaled_dot_product_attention(
-            queries, keys, values, scale=1.0, mask=resolve(mask, keys.shape[2])
-        )
+        output = scaled_dot_product_attention(queries, keys, values, mask)
         return self.o_proj(output.transpose(0, 2, 1, 3).reshape(batch, length, -1))
 
 
