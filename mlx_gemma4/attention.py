@@ -12,51 +12,26 @@ their scores are then quantized matmuls, blockwise or not. The call site does no
 """
 
 from functools import partial
-from typing import Optional, Union
+from typing import Optional
 
 import mlx.core as mx
 
 from .attention_mask import PositionMask
+from .kv_cache import Rows, is_quantized, quantization_of, row_count, take_rows
 
-# One block's scores (heads x queries x keys). 2^25 float32 is 128 MB: a 2,048-query chunk of 16 heads attends to
-# 1,024 keys at a time, enough work per block that the per-block operations cost little.
-SCORES_PER_BLOCK = 1 << 25
-# Masked scores: the most negative finite float32, not -inf, so that a query with no visible key in a block (a
-# sliding window's early blocks) gets exp(0) there and not NaN; the next block with a visible key rescales it away.
-MASKED = float(mx.finfo(mx.float32).min)
-
-Keys = Union[mx.array, tuple]  # an array, or a quantized (packed, scales, biases) triple
+# One block's scores (heads x queries x keys): 2^24 is 64 MB in float32, 32 MB in bfloat16; a 2,048-query chunk of
+# 16 heads attends to 512 keys at a time, ~34 GFLOP of matmuls per block, so the per-block operations cost little.
+SCORES_PER_BLOCK = 1 << 24
 
 
-def is_quantized(keys: Keys) -> bool:
-    return isinstance(keys, tuple)
-
-
-def key_count(keys: Keys) -> int:
-    return (keys[0] if is_quantized(keys) else keys).shape[2]
-
-
-def key_rows(keys: Keys, start: int, stop: int) -> Keys:
-    if is_quantized(keys):
-        return tuple(part[..., start:stop, :] for part in keys)
-    return keys[..., start:stop, :]
-
-
-def quantization_of(keys: tuple, head_dim: int) -> tuple:
-    """(bits, group size) of a quantized triple, read from its shapes: packed rows hold head_dim x bits / 32 words,
-    scales one entry per group."""
-    packed, scales, _ = keys
-    return 32 * packed.shape[-1] // head_dim, head_dim // scales.shape[-1]
-
-
-def scaled_dot_product_attention(queries: mx.array, keys: Keys, values: Keys, mask) -> mx.array:
+def scaled_dot_product_attention(queries: mx.array, keys: Rows, values: Rows, mask) -> mx.array:
     """softmax(queries . keys^T + mask) . values with scale 1 (q_norm already normalises the queries).
 
     queries (batch, heads, length, head_dim); keys and values (batch, kv_heads, key_length, head_dim) or quantized
     triples; `mask` None, "causal", a boolean array broadcasting to (batch, heads, length, key_length), or an
     attention_mask.PositionMask."""
     batch, heads, length, _ = queries.shape
-    total = key_count(keys)
+    total = row_count(keys)
     block = max(1, SCORES_PER_BLOCK // (batch * heads * length))
     if total <= block and not is_quantized(keys):
         full_mask = mask(total) if isinstance(mask, PositionMask) else mask
@@ -64,19 +39,19 @@ def scaled_dot_product_attention(queries: mx.array, keys: Keys, values: Keys, ma
     return blockwise_attention(queries, keys, values, mask, block)
 
 
-def blockwise_attention(queries: mx.array, keys: Keys, values: Keys, mask, block: int) -> mx.array:
+def blockwise_attention(queries: mx.array, keys: Rows, values: Rows, mask, block: int) -> mx.array:
     batch, heads, length, head_dim = queries.shape
     kv_heads = (keys[0] if is_quantized(keys) else keys).shape[1]
     repeats = heads // kv_heads
     # The query heads that share a key head become rows of one matmul: each key block is read once.
     grouped = queries.reshape(batch, kv_heads, repeats * length, head_dim)
     grouped_shape = (batch, kv_heads, repeats, length, -1)
-    total = key_count(keys)
+    total = row_count(keys)
     matmul = quantized_matmuls(keys, head_dim) if is_quantized(keys) else plain_matmuls
     maximum = running_sum = output = None
     for start in range(0, total, block):
         stop = min(start + block, total)
-        scores = matmul(grouped, key_rows(keys, start, stop), transpose=True)
+        scores = matmul(grouped, take_rows(keys, start, stop), transpose=True)
         block_mask = mask_columns(mask, length, total, start, stop)
         if block_mask is not None:
             if block_mask.ndim == 4:  # (batch, heads or 1, queries, keys): make room for the repeats axis
@@ -86,7 +61,7 @@ def blockwise_attention(queries: mx.array, keys: Keys, values: Keys, mask, block
         new_maximum = block_maximum if maximum is None else mx.maximum(maximum, block_maximum)
         weights = exponentials(scores, new_maximum)
         block_sum = weights.sum(axis=-1, keepdims=True).astype(mx.float32)
-        block_output = matmul(weights, key_rows(values, start, stop), transpose=False).astype(mx.float32)
+        block_output = matmul(weights, take_rows(values, start, stop), transpose=False).astype(mx.float32)
         if maximum is None:
             running_sum, output = block_sum, block_output
         else:
@@ -124,7 +99,10 @@ def quantized_rows_matmul(x: mx.array, rows: tuple, transpose: bool, bits: int, 
 
 @partial(mx.compile, shapeless=True)
 def masked(scores: mx.array, visible: mx.array) -> mx.array:
-    return mx.where(visible, scores, MASKED)
+    """Hidden scores become the dtype's most negative finite value, not -inf, so that a query with no visible key
+    in a block (a sliding window's early blocks) gets exp(0) there and not NaN; the next block with a visible key
+    rescales that away."""
+    return mx.where(visible, scores, mx.array(mx.finfo(scores.dtype).min, scores.dtype))
 
 
 def mask_columns(mask, length: int, total: int, start: int, stop: int) -> Optional[mx.array]:

@@ -12,7 +12,7 @@ from .attention import scaled_dot_product_attention
 from .attention_mask import PositionMask
 from .config import FULL, SLIDING, TextConfig
 from .errors import Gemma4Error
-from .kv_cache import FullCache, WindowCache
+from .kv_cache import FullCache, KVQuantization, WindowCache
 
 
 
@@ -237,11 +237,13 @@ class TextModel(nn.Module):
         # The reference casts sqrt(hidden_size) to the weight dtype first: 61.97 becomes 62.0 in bfloat16.
         return embeddings * mx.array(self.config.hidden_size**0.5, dtype=embeddings.dtype)
 
-    def make_cache(self) -> list:
+    def make_cache(self, quantization: Optional[KVQuantization] = None) -> list:
         """One cache per layer that owns its keys and values: a window-sized ring for sliding layers (memory bounded
-        whatever the context), a growing buffer for full layers. Layers that reuse another's KV get none."""
+        whatever the context), a growing buffer for full layers, all quantized alike if `quantization` says so.
+        Layers that reuse another's KV get none."""
         return [
-            WindowCache(self.config.sliding_window) if self.config.layer_types[i] == SLIDING else FullCache()
+            WindowCache(self.config.sliding_window, quantization=quantization)
+            if self.config.layer_types[i] == SLIDING else FullCache(quantization)
             for i in self.cached_layers
         ]
 

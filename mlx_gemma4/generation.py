@@ -11,11 +11,14 @@ from mlx_lm.sample_utils import make_sampler
 
 from .decode_step import decode_step
 from .errors import Gemma4Error
+from .kv_cache import FullCache, kv_quantization
 
 DEFAULT_PREFILL_STEP_SIZE = 2048
 DEFAULT_MAX_TOKENS = 256
 # mlx keeps freed buffers for reuse; returning them now and then keeps a long generation's footprint flat.
 CLEAR_CACHE_EVERY = 256
+# Rows reserved beyond a long prompt in full layers' buffers, for the reply (more are added as it grows).
+REPLY_ROWS_RESERVED = 1024
 
 generation_stream = mx.new_stream(mx.default_device())
 
@@ -72,10 +75,19 @@ def generate_step(
     prompt_cache: Optional[list] = None,
     input_embeddings: Optional[mx.array] = None,
     block_ids: Optional[mx.array] = None,
+    kv_bits: Optional[int] = None,
+    kv_group_size: int = 64,
+    quantized_kv_start: int = 0,
 ) -> Iterator[tuple]:
     """Yields (token, logprobs) for `prompt` (1-D token ids). `input_embeddings` (1, length, hidden) replaces the
-    token embeddings (multimodal prompts); `block_ids` (1, length) marks vision blocks for their attention mask."""
+    token embeddings (multimodal prompts); `block_ids` (1, length) marks vision blocks for their attention mask.
+    With `kv_bits` (4 or 8) the caches (`prompt_cache`'s too) hold keys and values quantized in groups of
+    `kv_group_size` from `quantized_kv_start` positions on, as mlx-lm's options do."""
+    quantization = kv_quantization(kv_bits, kv_group_size, quantized_kv_start)
     cache = model.make_cache() if prompt_cache is None else prompt_cache
+    if quantization is not None:
+        for layer_cache in cache:
+            layer_cache.quantization = quantization
     sampler = sampler or make_sampler(0.0)
 
     def forward(start: int, end: int, logits_to_keep: int):
@@ -91,8 +103,11 @@ def generate_step(
 
     with mx.stream(generation_stream):
         chunks = prefill_chunks(prompt.size, prefill_step_size, block_ids)
-        for start, end in chunks[:-1]:
+        for index, (start, end) in enumerate(chunks[:-1]):
             forward(start, end, logits_to_keep=1)
+            if index == 0:
+                # Room for the whole prompt at once: growing chunk by chunk would copy the buffers every time.
+                reserve_rows(cache, cache[0].offset + prompt.size - end + min(max_tokens, REPLY_ROWS_RESERVED))
             mx.eval([c.state for c in cache])
             mx.clear_cache()
         token, logprobs = sample(forward(*chunks[-1], logits_to_keep=1))
@@ -112,6 +127,12 @@ def generate_step(
         if produced % CLEAR_CACHE_EVERY == 0:
             mx.clear_cache()
         token, logprobs = next_token, next_logprobs
+
+
+def reserve_rows(cache: list, capacity: int):
+    for layer_cache in cache:
+        if isinstance(layer_cache, FullCache):
+            layer_cache.reserve(capacity)
 
 
 def context_length(model) -> int:
@@ -145,13 +166,19 @@ def stream_generate(
     images: Optional[list] = None,
     audio: Optional[list] = None,
     video=None,
+    kv_bits: Optional[int] = None,
+    kv_group_size: int = 64,
+    quantized_kv_start: int = 0,
 ) -> Iterator[GenerationResponse]:
     """Streams the reply to `prompt` (text, already chat-formatted if wanted, or token ids) as GenerationResponses.
     `images`, `audio` (lists of paths, bytes, PIL images or arrays) and `video` (a path) fill the prompt's
     placeholders, one each, as Processor.__call__ expands them.
 
     With `draft_model` (a drafter.Drafter) decoding is speculative (speculative.py): `num_draft_tokens` fixes the draft
-    length (None adapts it), `draft_statistics` (a speculative.DraftStatistics) collects acceptance figures."""
+    length (None adapts it), `draft_statistics` (a speculative.DraftStatistics) collects acceptance figures.
+
+    `kv_bits` (4 or 8), `kv_group_size` and `quantized_kv_start` quantize the key/value caches as mlx-lm's options
+    do, sliding-window layers included."""
     if max_tokens < 1 or prefill_step_size < 1:
         raise Gemma4Error("max_tokens and prefill_step_size must be at least 1")
     media = {}
@@ -166,6 +193,8 @@ def stream_generate(
     if past + len(ids) >= limit:
         raise Gemma4Error(f"the prompt has {past + len(ids)} tokens; the model's context holds {limit}")
     max_tokens = min(max_tokens, limit - past - len(ids))
+    kv_quantization(kv_bits, kv_group_size, quantized_kv_start)  # bad values fail before anything runs
+    quantization_options = dict(kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start)
     if seed is not None:
         mx.random.seed(seed)
     if draft_model is not None:
@@ -174,12 +203,13 @@ def stream_generate(
         tokens = speculative_steps(
             mx.array(ids), model, draft_model, max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k,
             min_p=min_p, sampler=sampler, num_draft_tokens=num_draft_tokens, prefill_step_size=prefill_step_size,
-            prompt_cache=prompt_cache, statistics=draft_statistics, **media,
+            prompt_cache=prompt_cache, statistics=draft_statistics, **quantization_options, **media,
         )
     else:
         sampler = sampler or make_sampler(temp, top_p=top_p, min_p=min_p, top_k=top_k)
         tokens = generate_step(mx.array(ids), model, max_tokens=max_tokens, sampler=sampler,
-                               prefill_step_size=prefill_step_size, prompt_cache=prompt_cache, **media)
+                               prefill_step_size=prefill_step_size, prompt_cache=prompt_cache,
+                               **quantization_options, **media)
     with wired_limit(model, [generation_stream]):
         yield from stream_responses(tokens, processor, len(ids), max_tokens)
 

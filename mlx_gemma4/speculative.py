@@ -24,17 +24,19 @@ from .draft_policy import MAX_DRAFT_TOKENS, DraftPolicy
 from .errors import Gemma4Error
 from .decode_step import decode_step
 from .generation import CLEAR_CACHE_EVERY, DEFAULT_PREFILL_STEP_SIZE, generate_step, generation_stream, sample_last
-from .kv_cache import FullCache, WindowCache
+from .kv_cache import FullCache, KVQuantization, WindowCache
 
 
-def make_speculative_cache(model, max_draft_tokens: int = MAX_DRAFT_TOKENS) -> list:
+def make_speculative_cache(model, max_draft_tokens: int = MAX_DRAFT_TOKENS,
+                           quantization: Optional[KVQuantization] = None) -> list:
     """The target's caches, every one trimmable: sliding layers' rings hold, beyond the window, the key the drafter
     reads one past it and room for a whole verify pass (k drafts and the token before them) to be rolled back."""
     text_model = model.language_model.model
     config = text_model.config
     slots = config.sliding_window + 2 + max_draft_tokens
     return [
-        WindowCache(config.sliding_window, slots) if config.layer_types[i] == SLIDING else FullCache()
+        WindowCache(config.sliding_window, slots, quantization) if config.layer_types[i] == SLIDING
+        else FullCache(quantization)
         for i in text_model.cached_layers
     ]
 
