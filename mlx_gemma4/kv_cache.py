@@ -112,7 +112,7 @@ def quantize_like(buffer: Rows, rows: mx.array) -> Rows:
 class QuantizingCache:
     """What both caches share: when and how their keys and values are quantized."""
 
-    def __init__(self, quantization: Optional[KVQuantization]):
+    def __init__(self, quantization: Optional[KVQuantization] = None):
         self.quantization = quantization
         self.keys = self.values = None
         self.offset = 0  # positions seen
@@ -216,6 +216,10 @@ class WindowCache(QuantizingCache):
         self.offset -= count
         return count
 
+    def advance(self, count: int):
+        """Undo trim(count) when nothing was written since: the positions it hid are still in the ring."""
+        self.offset += count
+
 
 class FullCache(QuantizingCache):
     """A full-attention layer's keys and values in position order, in a buffer that grows in steps of `step` rows
@@ -239,6 +243,10 @@ class FullCache(QuantizingCache):
 
     def keys_and_values(self):
         return take_rows(self.keys, 0, self.offset), take_rows(self.values, 0, self.offset)
+
+    def advance(self, count: int):
+        """Undo trim(count) when nothing was written since: the positions it hid are still in the buffer."""
+        self.offset += count
 
     def capacity(self) -> int:
         return 0 if self.keys is None else row_count(self.keys)
