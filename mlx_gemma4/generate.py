@@ -10,6 +10,9 @@ import sys
 from .errors import Gemma4Error
 from .decoding import DEFAULT_MAX_TOKENS, DEFAULT_PREFILL_STEP_SIZE
 
+# mlx-lm's default: short prompts keep a full-precision cache, which is small anyway.
+DEFAULT_QUANTIZED_KV_START = 5000
+
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse prints a usage block on bad flags; a user needs only the reason."""
@@ -49,9 +52,28 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Gemma 4 assistant (folder or Hub id) for speculative decoding")
     parser.add_argument("--num-draft-tokens", type=int, default=None,
                         help="draft tokens per target pass (default: adapt to the acceptance rate)")
+    add_kv_cache_arguments(parser)
+    parser.add_argument("--prompt-cache-file", default=None,
+                        help="continue from a prompt cache saved by python -m mlx_gemma4.cache_prompt")
     parser.add_argument("--verbose", type=str2bool, nargs="?", const=True, default=True,
                         help="print statistics to stderr (true) or only the response (false)")
     return parser
+
+
+def add_kv_cache_arguments(parser: argparse.ArgumentParser):
+    parser.add_argument("--kv-bits", type=int, default=None,
+                        help="quantize the KV cache to 4 or 8 bits (sliding-window layers too); default: no")
+    parser.add_argument("--kv-group-size", type=int, default=64, help="group size for KV cache quantization")
+    parser.add_argument("--quantized-kv-start", type=int, default=DEFAULT_QUANTIZED_KV_START,
+                        help="with --kv-bits, quantize the cache once it holds this many tokens")
+
+
+def kv_options(args) -> dict:
+    """The KV quantization flags as stream_generate's options; bad values raise Gemma4Error."""
+    from .kv_cache import kv_quantization
+
+    kv_quantization(args.kv_bits, args.kv_group_size, args.quantized_kv_start)
+    return dict(kv_bits=args.kv_bits, kv_group_size=args.kv_group_size, quantized_kv_start=args.quantized_kv_start)
 
 
 def check_arguments(args) -> dict:
@@ -62,6 +84,8 @@ def check_arguments(args) -> dict:
         raise Gemma4Error("--prefill-step-size must be at least 1")
     if args.num_draft_tokens is not None and args.draft_model is None:
         raise Gemma4Error("--num-draft-tokens needs --draft-model")
+    if args.prompt_cache_file and (args.image or args.audio or args.video or args.system_prompt is not None):
+        raise Gemma4Error("with --prompt-cache-file, give media and the system prompt to cache_prompt instead")
     if args.temp < 0:
         raise Gemma4Error("--temp must be 0 or more")
     if not 0 <= args.top_p <= 1:
@@ -86,6 +110,7 @@ def run(args) -> None:
     from .loading import load
 
     template_options = check_arguments(args)
+    generation_options = kv_options(args)
     user_text = sys.stdin.read() if args.prompt == "-" else args.prompt
     model, processor = load(args.model)
     draft_model, draft_statistics = None, None
@@ -97,7 +122,13 @@ def run(args) -> None:
         DraftPolicy(args.num_draft_tokens)
         draft_model, draft_statistics = load_drafter(args.draft_model), DraftStatistics()
         check_compatible(draft_model, model)
-    if args.ignore_chat_template:
+    if args.prompt_cache_file:
+        from .prompt_cache_file import continuation_ids, load_prompt_cache
+
+        prompt_cache, metadata = load_prompt_cache(args.prompt_cache_file, model, return_metadata=True)
+        prompt = continuation_ids(processor, metadata, user_text, not args.ignore_chat_template, **template_options)
+        generation_options["prompt_cache"] = prompt_cache
+    elif args.ignore_chat_template:
         prompt = user_text
     else:
         prompt = processor.chat_prompt(user_text, args.system_prompt, images=len(args.image), audio=len(args.audio),
@@ -107,7 +138,7 @@ def run(args) -> None:
         model, processor, prompt, max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p,
         top_k=args.top_k, min_p=args.min_p, seed=args.seed, prefill_step_size=args.prefill_step_size,
         draft_model=draft_model, num_draft_tokens=args.num_draft_tokens, draft_statistics=draft_statistics,
-        images=args.image, audio=args.audio, video=args.video,
+        images=args.image, audio=args.audio, video=args.video, **generation_options,
     ):
         sys.stdout.write(response.text)
         sys.stdout.flush()

@@ -53,6 +53,10 @@ def kv_quantization(kv_bits: Optional[int], kv_group_size: int = 64, quantized_k
     return None if kv_bits is None else KVQuantization(kv_bits, kv_group_size, quantized_kv_start)
 
 
+def as_rows(rows) -> Rows:
+    return tuple(rows) if isinstance(rows, (list, tuple)) else rows
+
+
 def is_quantized(rows: Rows) -> bool:
     return isinstance(rows, tuple)
 
@@ -135,9 +139,21 @@ class QuantizingCache:
             return self.quantization.quantize(keys), self.quantization.quantize(values)
         return keys, values
 
-    @property
-    def state(self):
-        return self.keys, self.values
+    def quantization_fields(self) -> list:
+        quantization = self.quantization
+        return [None] * 3 if quantization is None else [quantization.bits, quantization.group_size, quantization.start]
+
+    def restore(self, keys, values, offset: int, bits, group_size, start):
+        """Sets what `state` described (lists where tuples were, as a saved file gives them back)."""
+        self.keys, self.values = as_rows(keys), as_rows(values)
+        self.offset = offset
+        self.quantization = None if bits is None else KVQuantization(bits, group_size, start)
+
+    @classmethod
+    def from_state(cls, state: list):
+        cache = cls.__new__(cls)
+        cache.state = state
+        return cache
 
     @property
     def nbytes(self) -> int:
@@ -203,6 +219,16 @@ class WindowCache(QuantizingCache):
         if until_end < count:
             write_rows(ring, 0, take_rows(recent, until_end, count))
 
+    @property
+    def state(self) -> list:
+        """The ring, where it stands, and how it is quantized: what a saved prompt cache holds."""
+        return [self.keys, self.values, self.offset, self.window, self.slots, *self.quantization_fields()]
+
+    @state.setter
+    def state(self, state: list):
+        keys, values, offset, self.window, self.slots, *quantization = state
+        self.restore(keys, values, offset, *quantization)
+
     def keys_and_values(self):
         """The last window + 1 positions' keys and values in order (what the MTP assistant reads)."""
         held = min(self.offset, self.window + 1, self.slots)
@@ -243,6 +269,16 @@ class FullCache(QuantizingCache):
 
     def keys_and_values(self):
         return take_rows(self.keys, 0, self.offset), take_rows(self.values, 0, self.offset)
+
+    @property
+    def state(self) -> list:
+        """The rows written and how they are quantized: what a saved prompt cache holds."""
+        written = self.keys_and_values() if self.keys is not None else (None, None)
+        return [*written, self.offset, *self.quantization_fields()]
+
+    @state.setter
+    def state(self, state: list):
+        self.restore(*state)
 
     def advance(self, count: int):
         """Undo trim(count) when nothing was written since: the positions it hid are still in the buffer."""

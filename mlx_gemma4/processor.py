@@ -75,6 +75,21 @@ class Processor:
         messages.append({"role": "user", "content": content})
         return self.apply_chat_template(messages, **template_options)
 
+    def open_user_turn(self, user_text: str, system_prompt: Optional[str] = None, **template_options) -> str:
+        """A chat prompt that ends inside the user's turn, for a prompt cache that later text continues
+        (continuation_prompt), as mlx-lm's cache_prompt writes one."""
+        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        messages.append({"role": "user", "content": user_text})
+        return self.apply_chat_template(messages, add_generation_prompt=False, continue_final_message=True,
+                                        **template_options)
+
+    def continuation_prompt(self, user_text: str, **template_options) -> str:
+        """The rest of a turn that open_user_turn left open: `user_text`, the end of the turn and the start of the
+        model's (the template's own text after a user message's content)."""
+        marker = "\x00content\x00"
+        templated = self.apply_chat_template([{"role": "user", "content": marker}], **template_options)
+        return user_text + templated[templated.index(marker) + len(marker):]
+
     def encode(self, text: str) -> list:
         # A chat template already wrote <bos>; adding another would change the model's input.
         bos = self.tokenizer.bos_token
