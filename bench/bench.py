@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import mlx.core as mx  # noqa: E402
 
-from measure import environment, log, measure, random_prompt  # noqa: E402
+from measure import environment, log, measure, random_prompt, weight_bytes  # noqa: E402
 from mlx_gemma4.errors import Gemma4Error  # noqa: E402
 from mlx_gemma4.loading import read_json, resolve_model_path  # noqa: E402
 from peer_mtp import (  # noqa: E402
@@ -51,6 +51,8 @@ def parse_args(argv=None):
     parser.add_argument("--cost-model", action="store_true", help="relative cost of target passes and draft steps")
     parser.add_argument("--long-context", default="", help="comma list of prefill depths, e.g. 32768,131072")
     parser.add_argument("--long-context-gen-tokens", type=int, default=32)
+    parser.add_argument("--long-context-kv-bits", default="none",
+                        help="comma list of KV cache precisions for the long-context runs: none, 8, 4")
     parser.add_argument("--time-budget", type=float, default=0.0, help="seconds; later long-context runs skip")
     parser.add_argument("--bandwidth", type=float, help="memory bandwidth in GB/s (overrides the chip table)")
     parser.add_argument("--json", help="write all results here")
@@ -61,11 +63,24 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+# KV quantization groups in the long-context runs: mlx-lm's default.
+KV_GROUP_SIZE = 64
+
+
 def int_list(text: str) -> list:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise Gemma4Error(f"expected a comma list of integers, got {text!r}") from None
+
+
+def kv_bits_list(text: str) -> list:
+    """'none,8' -> [None, 8]."""
+    values = [part.strip() for part in text.split(",") if part.strip()]
+    try:
+        return [None if value == "none" else int(value) for value in values]
+    except ValueError:
+        raise Gemma4Error(f"expected a comma list of none, 8 or 4, got {text!r}") from None
 
 
 def peer_names(text: str) -> list:
@@ -110,22 +125,33 @@ class Bench:
             self.save()
 
     def long_context(self, runtime, vocab_size: int):
-        for depth in int_list(self.args.long_context):
-            entry = {"depth": depth, "runtime": runtime.name}
-            elapsed = time.perf_counter() - self.started
-            if self.args.time_budget and elapsed > self.args.time_budget:
-                entry["skipped"] = f"time budget ({elapsed:.0f} s spent)"
-            else:
-                log(f"{runtime.name}: long context {depth}")
-                prompt = random_prompt(depth, vocab_size, self.args.seed + depth)
-                try:
-                    figures = measure(runtime, prompt, self.args.long_context_gen_tokens, 1, warm_up=False)
-                    figures.pop("tokens")
-                    entry.update(figures)
-                except (RuntimeError, ValueError, MemoryError) as error:
-                    entry["skipped"] = f"failed: {str(error).splitlines()[0][:120]}"
-            self.results["long_context"].append(entry)
-            self.save()
+        """Each depth at each KV precision: speeds, peak memory, and the transient part of it (peak - weights -
+        KV cache), the memory table's figures."""
+        weights = weight_bytes(runtime.model)
+        for kv_bits in kv_bits_list(self.args.long_context_kv_bits):
+            for depth in int_list(self.args.long_context):
+                entry = {"depth": depth, "runtime": runtime.name, "kv_bits": kv_bits, "weights_bytes": weights}
+                elapsed = time.perf_counter() - self.started
+                if self.args.time_budget and elapsed > self.args.time_budget:
+                    entry["skipped"] = f"time budget ({elapsed:.0f} s spent)"
+                else:
+                    log(f"{runtime.name}: long context {depth}, KV {kv_bits or 'unquantized'}")
+                    prompt = random_prompt(depth, vocab_size, self.args.seed + depth)
+                    options = {} if kv_bits is None else dict(kv_bits=kv_bits, kv_group_size=KV_GROUP_SIZE,
+                                                               quantized_kv_start=0)
+                    try:
+                        figures = measure(runtime, prompt, self.args.long_context_gen_tokens, 1, warm_up=False,
+                                          **options)
+                        figures.pop("tokens")
+                        entry.update(figures)
+                        entry["transient_bytes"] = figures["peak_memory_bytes"] - weights - figures["kv_cache_bytes"]
+                    except (Gemma4Error, RuntimeError, ValueError, MemoryError, NotImplementedError,
+                            TypeError) as error:
+                        # A peer that cannot run this (mlx-lm cannot quantize Gemma 4's rotating caches) is a
+                        # finding for the table, not a crash.
+                        entry["skipped"] = f"failed: {str(error).splitlines()[0][:120]}"
+                self.results["long_context"].append(entry)
+                self.save()
 
 
 def load_target(args):

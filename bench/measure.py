@@ -13,6 +13,7 @@ import sys
 import time
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 
 def process_rss_bytes() -> int:
@@ -34,14 +35,14 @@ def cache_bytes(cache: list) -> int:
     return sum(layer.nbytes for layer in cache)
 
 
-def one_run(runtime, prompt: list, gen_tokens: int) -> dict:
+def one_run(runtime, prompt: list, gen_tokens: int, options: dict) -> dict:
     # No mx.clear_cache() between runs: each run finds the allocator warm, as a second request to a server would.
     gc.collect()
     mx.reset_peak_memory()
     cache = runtime.make_cache()
     start = time.perf_counter()
     tokens, first = [], None
-    for step in runtime.steps(prompt, gen_tokens, cache):
+    for step in runtime.steps(prompt, gen_tokens, cache, **options):
         tokens.append(int(step[0]))
         if len(tokens) == 1:
             first = time.perf_counter()
@@ -73,10 +74,16 @@ def summarise(runs: list) -> dict:
     return summary
 
 
-def measure(runtime, prompt: list, gen_tokens: int, repeat: int, warm_up: bool = True) -> dict:
+def measure(runtime, prompt: list, gen_tokens: int, repeat: int, warm_up: bool = True, **options) -> dict:
+    """`options` go to the runtime's generate_step (KV quantization)."""
     if warm_up:
-        one_run(runtime, prompt, gen_tokens)
-    return summarise([one_run(runtime, prompt, gen_tokens) for _ in range(repeat)])
+        one_run(runtime, prompt, gen_tokens, options)
+    return summarise([one_run(runtime, prompt, gen_tokens, options) for _ in range(repeat)])
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the model's parameters: what it holds resident whatever the context."""
+    return sum(value.nbytes for _, value in tree_flatten(model.parameters()))
 
 
 def random_prompt(length: int, vocab_size: int, seed: int) -> list:

@@ -20,7 +20,8 @@ def results(tmp_path_factory):
     path = tmp_path_factory.mktemp("bench") / "results.json"
     bench.main(["--random", "tiny", "--bits", "32", "--prompt-tokens", "40", "--gen-tokens", "6", "--repeat", "1",
                 "--peers", "mlx-lm,mlx-vlm,mlx-vlm-lm", "--image", "9", "--audio", "0.2", "--random-draft",
-                "--num-draft-tokens", "2", "--cost-model", "--long-context", "70", "--json", str(path)])
+                "--num-draft-tokens", "2", "--cost-model", "--long-context", "70", "--long-context-kv-bits", "none,8",
+                "--json", str(path)])
     return json.loads(path.read_text())
 
 
@@ -43,6 +44,19 @@ def test_mlx_vlm_mtp_runs_on_our_assistant_and_agrees_with_our_greedy_tokens(res
     assert peer["num_draft_tokens"] == rows["ours + MTP (K=2)"]["num_draft_tokens"] == 2
     assert peer["plain_decode_tps"] == plain["decode_tps"]
     assert peer["tokens_per_target_pass"] >= 1 and 0 < peer["draft_tokens_per_pass"] <= 2
+
+
+def test_long_context_rows_split_the_peak_into_weights_kv_cache_and_transient(results):
+    ran = [row for row in results["long_context"] if "skipped" not in row]
+    assert {row["kv_bits"] for row in ran} == {None}
+    for row in ran:
+        assert row["transient_bytes"] == row["peak_memory_bytes"] - row["weights_bytes"] - row["kv_cache_bytes"]
+        assert row["weights_bytes"] > 0 and row["kv_cache_bytes"] > 0
+    # The tiny shape's heads (16) cannot be quantized in groups of 64, and mlx-lm cannot quantize a rotating
+    # cache at all: both are recorded as failures, not crashes.
+    failed = {row["runtime"]: row["skipped"] for row in results["long_context"] if row["kv_bits"] == 8}
+    assert "cannot be quantized in groups of 64" in failed["ours"]
+    assert "Quantization NYI" in failed["mlx-lm"]
 
 
 def test_missing_mlx_lm_mtp_is_noted_once(results):
