@@ -9,6 +9,7 @@ import mlx.nn as nn
 
 from .config import ModelConfig
 from .decoder import fuse_projections
+from .quantized_layers import use_few_row_products
 from .errors import Gemma4Error
 from .model import Model
 
@@ -111,6 +112,7 @@ def load_weights(module: nn.Module, model_path: Path, quantization: Optional[dic
         raise Gemma4Error(f"weights in {model_path} do not fit the config: {str(error).splitlines()[0]}") from None
     mx.eval(module.parameters())
     fuse_projections(module)
+    use_few_row_products(module)
     module.eval()
     return module
 
