@@ -8,7 +8,7 @@ import json
 import sys
 
 from .errors import Gemma4Error
-from .generation import DEFAULT_MAX_TOKENS, DEFAULT_PREFILL_STEP_SIZE
+from .decoding import DEFAULT_MAX_TOKENS, DEFAULT_PREFILL_STEP_SIZE
 
 
 class OneLineParser(argparse.ArgumentParser):
