@@ -4,8 +4,10 @@ On the CUDA backend MLX's own quantized matmul reads a tenth of the card's bandw
 pass of the weights again for every further row, so decoding and the speculative verify pass are bound by it. Here
 the weights stream through the tensor cores instead: a warp holds a 16-row tile of W, turns its 4- or 8-bit codes
 into exact small integers in bfloat16 (float16 for float16 activations), and multiplies them with up to 16 rows of
-x by `mma.m16n8k16`, accumulating in float32. Each group's integer products are folded into the row's sum as
-`scale * sum(q * x) + bias * sum(x)`, the second sum taken by one more product with a tile of ones.
+x by `mma.m16n8k16`, accumulating in float32. Each lane loads the piece of a row that the tensor core's fragment
+layout wants from it, so codes go from memory to the tensor cores without passing between lanes. Each group's
+integer products are folded into the row's sum as `scale * sum(q * x) + bias * sum(x)`, the second sum taken by
+one more product with a tile of ones.
 
 Every output row is summed in an order fixed by the weight's shape alone (which warp takes which slice of K, the
 order of the slices and of the final sum across warps), never by how many rows of x come along: a row's result is
@@ -48,11 +50,16 @@ __device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn
 __device__ __forceinline__ void store(float* p, float v) { *p = v; }
 
 // Weights are read once: bypass L1 so that the rows of x, which every block reads, stay there.
-__device__ __forceinline__ uint4 load_streaming(const uint32_t* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-  return v;
+template <int WORDS>
+__device__ __forceinline__ void load_streaming(const uint32_t* p, uint32_t (&v)[WORDS]) {
+  if constexpr (WORDS == 4) {
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v[0]), "=r"(v[1]), "=r"(v[2]), "=r"(v[3]) : "l"(p));
+  } else if constexpr (WORDS == 2) {
+    asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];" : "=r"(v[0]), "=r"(v[1]) : "l"(p));
+  } else {
+    asm volatile("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(v[0]) : "l"(p));
+  }
 }
 
 template <bool BF16>
@@ -92,38 +99,25 @@ __device__ __forceinline__ uint32_t byte_pair(uint32_t w, int i, int j) {
   }
 }
 
-// A quad of lanes (t = lane % 4) loaded four consecutive 16-byte vectors of one weight row, vector t each. Afterwards
-// lane t holds word t of every vector: word[v] = word t of vector v. Then one tensor-core step over the quad's k
-// slots takes codes from a single vector, hence a single quantization group.
-__device__ __forceinline__ void transpose_quad(uint4 v, uint32_t (&word)[4], int t) {
-  uint32_t a0 = v.x, a1 = v.y, a2 = v.z, a3 = v.w, s;
-  if (t & 1) { s = a0; a0 = a1; a1 = s; s = a2; a2 = a3; a3 = s; }
-  if (t & 2) { s = a0; a0 = a2; a2 = s; s = a1; a1 = a3; a3 = s; }
-  uint32_t r0 = a0;
-  uint32_t r1 = __shfl_xor_sync(0xffffffffu, a1, 1);
-  uint32_t r2 = __shfl_xor_sync(0xffffffffu, a2, 2);
-  uint32_t r3 = __shfl_xor_sync(0xffffffffu, a3, 3);
-  if (t & 1) { s = r0; r0 = r1; r1 = s; s = r2; r2 = r3; r3 = s; }
-  if (t & 2) { s = r0; r0 = r2; r2 = s; s = r1; r1 = r3; r3 = s; }
-  word[0] = r0; word[1] = r1; word[2] = r2; word[3] = r3;
-}
 """
 
 # Template ints: BITS, GROUP, N (output rows), K, RT (16-row tiles per warp), KSPLIT (warps per block, splitting K),
 # DEPTH (chunks of weights each warp loads before using them), NT (8-column tiles of x rows), X_BF16.
 SOURCE = r"""
-  constexpr int VALUES_PER_VECTOR = 128 / BITS;          // codes in one 16-byte load
-  constexpr int CHUNK = 4 * VALUES_PER_VECTOR;           // k values one quad covers per step of its loop
+  // A chunk is what a quad of lanes (t = lane % 4) loads from one weight row at once: four consecutive pieces of
+  // LOAD_WORDS words, piece t to lane t, spanning one quantization group (half of one, for 8 bits in groups of
+  // 128). A tensor-core step takes four codes from each lane of the quad, so every step stays in one group.
+  constexpr int LOAD_WORDS = GROUP * BITS / 128 < 4 ? GROUP * BITS / 128 : 4;
+  constexpr int CODES_PER_WORD = 32 / BITS;
+  constexpr int CODES_PER_LANE = LOAD_WORDS * CODES_PER_WORD;
+  constexpr int CHUNK = 4 * CODES_PER_LANE;              // k values per chunk
+  constexpr int CHUNKS = K / CHUNK;
   constexpr int WORDS_PER_ROW = K * BITS / 32;
-  constexpr int CHUNKS = (K + CHUNK - 1) / CHUNK;
   constexpr int GROUPS = K / GROUP;
-  constexpr int VECTORS_PER_GROUP = GROUP / VALUES_PER_VECTOR;
-  constexpr int FOLD = VECTORS_PER_GROUP < 4 ? VECTORS_PER_GROUP : 4;  // vectors summed before scaling
-  constexpr int FOLDS = 4 / FOLD;
-  using ScaleT = typename element_of<decltype(scales)>::type;
   constexpr int ROWS = 16 * RT;
   constexpr uint32_t ONES = X_BF16 ? 0x3F803F80u : 0x3C003C00u;
   constexpr float CODE_OFFSET = X_BF16 ? (BITS == 4 ? 128.0f : 0.0f) : 1024.0f;
+  using ScaleT = typename element_of<decltype(scales)>::type;
   __shared__ float partial[KSPLIT][ROWS][NT * 8];
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -142,118 +136,103 @@ SOURCE = r"""
 
   for (int first = warp; first < CHUNKS; first += KSPLIT * DEPTH) {
     // The batch's weights, scales and biases are all asked for before any is used: one memory latency per batch.
-    uint4 loaded[DEPTH][RT][2];
-    ScaleT scale[DEPTH][RT][FOLDS][2], bias[DEPTH][RT][FOLDS][2];
+    uint32_t loaded[DEPTH][RT][2][LOAD_WORDS];
+    ScaleT scale[DEPTH][RT][2], bias[DEPTH][RT][2];
     #pragma unroll
     for (int d = 0; d < DEPTH; ++d) {
       const int c = first + d * KSPLIT;
-      const int vector = c * 4 + t;
       #pragma unroll
       for (int r = 0; r < RT; ++r)
         #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int row = row0 + r * 16 + g + 8 * h;
-          loaded[d][r][h] = (c < CHUNKS && row < N && vector * VALUES_PER_VECTOR < K)
-              ? load_streaming(w + (size_t)row * WORDS_PER_ROW + vector * 4) : make_uint4(0, 0, 0, 0);
-          // Rows and groups past the end read the last ones instead: their sums are never stored.
-          const size_t row_start = (size_t)min(row, N - 1) * GROUPS;
-          #pragma unroll
-          for (int f = 0; f < FOLDS; ++f) {
-            const int group = min((c * CHUNK + f * FOLD * VALUES_PER_VECTOR) / GROUP, GROUPS - 1);
-            scale[d][r][f][h] = scales[row_start + group];
-            bias[d][r][f][h] = biases[row_start + group];
+          if (c < CHUNKS && row < N) {
+            load_streaming(w + (size_t)row * WORDS_PER_ROW + (c * 4 + t) * LOAD_WORDS, loaded[d][r][h]);
+          } else {
+            #pragma unroll
+            for (int j = 0; j < LOAD_WORDS; ++j) loaded[d][r][h][j] = 0;
           }
+          // Rows and chunks past the end read the last scales instead: those sums are never stored.
+          const size_t at = (size_t)min(row, N - 1) * GROUPS + min(c * CHUNK / GROUP, GROUPS - 1);
+          scale[d][r][h] = scales[at];
+          bias[d][r][h] = biases[at];
         }
     }
     #pragma unroll
     for (int d = 0; d < DEPTH; ++d) {
       const int c = first + d * KSPLIT;
       if (c >= CHUNKS) break;  // the same for the whole warp
-      uint32_t words[RT][2][4];
+      float acc[RT][NT][4], sums[NT][4];
       #pragma unroll
-      for (int r = 0; r < RT; ++r)
+      for (int n = 0; n < NT; ++n)
         #pragma unroll
-        for (int h = 0; h < 2; ++h) transpose_quad(loaded[d][r][h], words[r][h], t);
-
-      #pragma unroll
-      for (int f = 0; f < FOLDS; ++f) {
-        float acc[RT][NT][4], sums[NT][4];
-        #pragma unroll
-        for (int n = 0; n < NT; ++n)
+        for (int i = 0; i < 4; ++i) {
+          sums[n][i] = 0.0f;
           #pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            sums[n][i] = 0.0f;
-            #pragma unroll
-            for (int r = 0; r < RT; ++r) acc[r][n][i] = 0.0f;
+          for (int r = 0; r < RT; ++r) acc[r][n][i] = 0.0f;
+        }
+      #pragma unroll
+      for (int j = 0; j < LOAD_WORDS; ++j) {
+        const int k = c * CHUNK + t * CODES_PER_LANE + j * CODES_PER_WORD;  // this lane's codes of word j
+        if constexpr (BITS == 4) {
+          uint4 xs[NT];
+          #pragma unroll
+          for (int n = 0; n < NT; ++n) {
+            const int m = n * 8 + g;
+            xs[n] = m < M ? __ldg(reinterpret_cast<const uint4*>(x + (size_t)m * K + k)) : make_uint4(0, 0, 0, 0);
           }
-        #pragma unroll
-        for (int v = f * FOLD; v < (f + 1) * FOLD; ++v) {
-          const int k = c * CHUNK + v * VALUES_PER_VECTOR;
-          if constexpr (BITS == 4) {
-            uint4 xs[NT];
-            #pragma unroll
-            for (int n = 0; n < NT; ++n) {
-              const int m = n * 8 + g;
-              xs[n] = (m < M && k < K)
-                  ? __ldg(reinterpret_cast<const uint4*>(x + (size_t)m * K + k + 8 * t)) : make_uint4(0, 0, 0, 0);
-            }
-            #pragma unroll
-            for (int step = 0; step < 2; ++step) {
-              uint32_t b0[NT], b1[NT];
-              #pragma unroll
-              for (int n = 0; n < NT; ++n) {
-                const uint32_t lo = step ? xs[n].y : xs[n].x, hi = step ? xs[n].w : xs[n].z;
-                b0[n] = __byte_perm(lo, hi, 0x5410);  // x[8t + 2 step], x[8t + 2 step + 4]
-                b1[n] = __byte_perm(lo, hi, 0x7632);  // x[8t + 2 step + 1], x[8t + 2 step + 5]
-              }
-              #pragma unroll
-              for (int r = 0; r < RT; ++r) {
-                const uint32_t a[4] = {
-                    nibble_pair<X_BF16>(words[r][0][v], 8 * step), nibble_pair<X_BF16>(words[r][1][v], 8 * step),
-                    nibble_pair<X_BF16>(words[r][0][v], 8 * step + 4),
-                    nibble_pair<X_BF16>(words[r][1][v], 8 * step + 4)};
-                #pragma unroll
-                for (int n = 0; n < NT; ++n) mma_16x8x16<X_BF16>(acc[r][n], a, b0[n], b1[n]);
-              }
-              #pragma unroll
-              for (int n = 0; n < NT; ++n) mma_16x8x16<X_BF16>(sums[n], ones_a, b0[n], b1[n]);
-            }
-          } else {
+          #pragma unroll
+          for (int step = 0; step < 2; ++step) {
             uint32_t b0[NT], b1[NT];
             #pragma unroll
             for (int n = 0; n < NT; ++n) {
-              const int m = n * 8 + g;
-              const uint2 xv = (m < M && k < K)
-                  ? __ldg(reinterpret_cast<const uint2*>(x + (size_t)m * K + k + 4 * t)) : make_uint2(0, 0);
-              b0[n] = xv.x;
-              b1[n] = xv.y;
+              const uint32_t lo = step ? xs[n].y : xs[n].x, hi = step ? xs[n].w : xs[n].z;
+              b0[n] = __byte_perm(lo, hi, 0x5410);  // x[k + 2 step], x[k + 2 step + 4]
+              b1[n] = __byte_perm(lo, hi, 0x7632);  // x[k + 2 step + 1], x[k + 2 step + 5]
             }
             #pragma unroll
             for (int r = 0; r < RT; ++r) {
-              const uint32_t a[4] = {byte_pair<X_BF16>(words[r][0][v], 0, 1), byte_pair<X_BF16>(words[r][1][v], 0, 1),
-                                     byte_pair<X_BF16>(words[r][0][v], 2, 3), byte_pair<X_BF16>(words[r][1][v], 2, 3)};
+              const uint32_t a[4] = {
+                  nibble_pair<X_BF16>(loaded[d][r][0][j], 8 * step), nibble_pair<X_BF16>(loaded[d][r][1][j], 8 * step),
+                  nibble_pair<X_BF16>(loaded[d][r][0][j], 8 * step + 4),
+                  nibble_pair<X_BF16>(loaded[d][r][1][j], 8 * step + 4)};
               #pragma unroll
               for (int n = 0; n < NT; ++n) mma_16x8x16<X_BF16>(acc[r][n], a, b0[n], b1[n]);
             }
             #pragma unroll
             for (int n = 0; n < NT; ++n) mma_16x8x16<X_BF16>(sums[n], ones_a, b0[n], b1[n]);
           }
-        }
-        const int group = (c * CHUNK + f * FOLD * VALUES_PER_VECTOR) / GROUP;
-        if (group < GROUPS) {
+        } else {
+          uint32_t b0[NT], b1[NT];
+          #pragma unroll
+          for (int n = 0; n < NT; ++n) {
+            const int m = n * 8 + g;
+            const uint2 xv = m < M ? __ldg(reinterpret_cast<const uint2*>(x + (size_t)m * K + k)) : make_uint2(0, 0);
+            b0[n] = xv.x;
+            b1[n] = xv.y;
+          }
           #pragma unroll
           for (int r = 0; r < RT; ++r) {
-            // sum((offset + q) x) s + (b - offset s) sum(x) = sum(q x) s + b sum(x)
-            const float s0 = to_float(scale[d][r][f][0]), b0 = fmaf(-CODE_OFFSET, s0, to_float(bias[d][r][f][0]));
-            const float s1 = to_float(scale[d][r][f][1]), b1 = fmaf(-CODE_OFFSET, s1, to_float(bias[d][r][f][1]));
+            const uint32_t a[4] = {byte_pair<X_BF16>(loaded[d][r][0][j], 0, 1), byte_pair<X_BF16>(loaded[d][r][1][j], 0, 1),
+                                   byte_pair<X_BF16>(loaded[d][r][0][j], 2, 3), byte_pair<X_BF16>(loaded[d][r][1][j], 2, 3)};
             #pragma unroll
-            for (int n = 0; n < NT; ++n) {
-              total[r][n][0] = fmaf(b0, sums[n][0], fmaf(s0, acc[r][n][0], total[r][n][0]));
-              total[r][n][1] = fmaf(b0, sums[n][1], fmaf(s0, acc[r][n][1], total[r][n][1]));
-              total[r][n][2] = fmaf(b1, sums[n][2], fmaf(s1, acc[r][n][2], total[r][n][2]));
-              total[r][n][3] = fmaf(b1, sums[n][3], fmaf(s1, acc[r][n][3], total[r][n][3]));
-            }
+            for (int n = 0; n < NT; ++n) mma_16x8x16<X_BF16>(acc[r][n], a, b0[n], b1[n]);
           }
+          #pragma unroll
+          for (int n = 0; n < NT; ++n) mma_16x8x16<X_BF16>(sums[n], ones_a, b0[n], b1[n]);
+        }
+      }
+      #pragma unroll
+      for (int r = 0; r < RT; ++r) {
+        // sum((offset + q) x) s + (b - offset s) sum(x) = sum(q x) s + b sum(x)
+        const float s0 = to_float(scale[d][r][0]), b0 = fmaf(-CODE_OFFSET, s0, to_float(bias[d][r][0]));
+        const float s1 = to_float(scale[d][r][1]), b1 = fmaf(-CODE_OFFSET, s1, to_float(bias[d][r][1]));
+        #pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          total[r][n][0] = fmaf(b0, sums[n][0], fmaf(s0, acc[r][n][0], total[r][n][0]));
+          total[r][n][1] = fmaf(b0, sums[n][1], fmaf(s0, acc[r][n][1], total[r][n][1]));
+          total[r][n][2] = fmaf(b1, sums[n][2], fmaf(s1, acc[r][n][2], total[r][n][2]));
+          total[r][n][3] = fmaf(b1, sums[n][3], fmaf(s1, acc[r][n][3], total[r][n][3]));
         }
       }
     }
@@ -298,14 +277,16 @@ def compact(source: str) -> str:
     return "\n".join(line for line in lines if line)
 
 
-def launch_plan(output_rows: int, input_dims: int, bits: int, rows_of_x: int) -> dict:
-    """Template ints for one product. Tiles per warp (RT) and warps' prefetch depth follow the size of W; how K is
-    split (KSPLIT) follows W's shape alone, never the number of rows of x, so that each row's sum keeps its order."""
-    chunks = math.ceil(input_dims / (4 * 128 // bits))
+def launch_plan(output_rows: int, input_dims: int, bits: int, group_size: int, rows_of_x: int) -> dict:
+    """Template ints for one product. Tiles per warp (RT) and the chunks each warp loads before using them (DEPTH)
+    follow the size of W; how K is split among a block's warps (KSPLIT) follows W's shape and format alone, never
+    the number of rows of x, so that each row's sum keeps its order."""
+    load_words = min(4, group_size * bits // 128)  # per lane and chunk; a chunk spans at most one group
+    chunks = input_dims // (4 * load_words * 32 // bits)
     tiles = 2 if output_rows >= WIDE_TILE_ROWS else 1
     blocks = math.ceil(output_rows / (16 * tiles))
     split = min(16 if blocks < 2 * MULTIPROCESSORS else 8, chunks)
-    depth = min(2, math.ceil(chunks / split))
+    depth = min(max(1, min(4, 8 // load_words) // tiles), math.ceil(chunks / split))  # bytes in flight per lane
     return {"RT": tiles, "KSPLIT": split, "DEPTH": depth, "NT": 1 if rows_of_x <= 8 else 2, "blocks": blocks}
 
 
@@ -333,7 +314,7 @@ def uses_kernel(x: mx.array, w: mx.array, scales: mx.array, biases, group_size: 
 def few_row_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int):
     output_rows, input_dims = w.shape[0], x.shape[-1]
     rows = x.reshape(-1, input_dims)
-    plan = launch_plan(output_rows, input_dims, bits, rows.shape[0])
+    plan = launch_plan(output_rows, input_dims, bits, group_size, rows.shape[0])
     threads = 32 * plan["KSPLIT"]
     out_dtype = result_dtype(x.dtype, scales.dtype)
     (out,) = few_row_kernel()(
