@@ -20,6 +20,8 @@ SHAPES_12B = [
     ("q (sliding)", 4096, 3840), ("k/v (sliding)", 2048, 3840), ("q (full)", 8192, 3840), ("k (full)", 512, 3840),
     ("o (sliding)", 3840, 4096), ("o (full)", 3840, 8192), ("gate+up", 30720, 3840), ("down", 3840, 15360),
     ("lm head", 262144, 3840),
+    # as loading fuses them: q, k and v of a sliding layer, q and k (= v) of a full one
+    ("qkv (sliding)", 8192, 3840), ("qk (full)", 8704, 3840),
 ]
 ROWS = (1, 2, 4, 8, 16)
 GROUP_SIZE = 64
