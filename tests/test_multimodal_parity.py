@@ -207,7 +207,7 @@ def test_placeholder_count_must_match_the_media(checkpoint):
 def test_command_line_takes_images_and_audio(checkpoint, capsys, tmp_path):
     import soundfile
 
-    from mlx_gemma4.generate import main
+    from mlx_gemma4.cli import main
 
     folder = checkpoint[0]
     clip = tmp_path / "clip.wav"
@@ -219,7 +219,7 @@ def test_command_line_takes_images_and_audio(checkpoint, capsys, tmp_path):
 
 
 def test_command_line_bad_image_is_one_line_and_nonzero(checkpoint, capsys, tmp_path):
-    from mlx_gemma4.generate import main
+    from mlx_gemma4.cli import main
 
     broken = tmp_path / "broken.png"
     broken.write_bytes((DATA / "tiny.png").read_bytes()[:100])
