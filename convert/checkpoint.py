@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlx_gemma4.errors import Gemma4Error
-from mlx_gemma4.loading import read_json, weight_files
+from mlx_gemma4.json_files import read_json
+from mlx_gemma4.loading import weight_files
 
 UNIFIED_MODEL_TYPES = ("gemma4_unified", "gemma4_unified_text")
 ASSISTANT_MODEL_TYPE = "gemma4_unified_assistant"
@@ -39,10 +40,6 @@ class Checkpoint:
     @property
     def is_assistant(self) -> bool:
         return self.model_type == ASSISTANT_MODEL_TYPE
-
-    @property
-    def largest_shard_bytes(self) -> int:
-        return max(file.stat().st_size for file in self.files)
 
 
 def read_checkpoint(path: Path) -> Checkpoint:

@@ -11,6 +11,7 @@ from mlx_lm.tokenizer_utils import load as load_tokenizer
 from .config import ModelConfig
 from .errors import Gemma4Error
 from .image_processing import PatchBudget
+from .json_files import read_optional_json
 from .video_processing import VIDEO_BUDGET
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
@@ -33,11 +34,7 @@ class Processor:
     def from_folder(cls, model_path: Path, config: ModelConfig) -> "Processor":
         if not any((model_path / name).exists() for name in TOKENIZER_FILES):
             raise Gemma4Error(f"no tokenizer in {model_path} (expected tokenizer.json or tokenizer.model)")
-        from .loading import read_json
-
-        generation = read_json(model_path / "generation_config.json") if (
-            model_path / "generation_config.json"
-        ).exists() else {}
+        generation = read_optional_json(model_path / "generation_config.json")
         try:
             tokenizer = load_tokenizer(model_path)
         except Exception as error:  # the tokenizer libraries raise many kinds; all mean the same to a user
@@ -48,7 +45,7 @@ class Processor:
         end_of_turn = tokenizer.get_vocab().get(END_OF_TURN_TOKEN)
         if end_of_turn is not None:
             stop.add(end_of_turn)
-        media = read_json(model_path / "processor_config.json") if (model_path / "processor_config.json").exists() else {}
+        media = read_optional_json(model_path / "processor_config.json")
         image_budget = PatchBudget.from_dict(media.get("image_processor", {}))
         video_budget = PatchBudget.from_dict({**VIDEO_BUDGET.__dict__, **media.get("video_processor", {})})
         return cls(tokenizer, config, stop, image_budget, video_budget)
