@@ -193,8 +193,21 @@ def test_input_errors_stop_with_one_line_before_writing(source, tmp_path, capsys
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 
 
+def gguf_q4_0(weight: np.ndarray) -> tuple:
+    """llama.cpp's q4_0 of a matrix, by the `gguf` package (independent of convert/qat.py): (codes 0..15, the
+    weights it dequantizes to), both shaped like `weight`, in float32."""
+    import gguf
+
+    q4_0 = gguf.GGMLQuantizationType.Q4_0
+    blocks = gguf.quantize(weight.astype(np.float32), q4_0).reshape(*weight.shape[:-1], -1, 18)
+    packed = blocks[..., 2:]  # 2 bytes of float16 step, then 16 bytes of codes: low nibbles first, then high ones
+    codes = np.concatenate([packed & 15, packed >> 4], axis=-1).reshape(weight.shape)
+    return codes, gguf.dequantize(blocks.reshape(-1), q4_0).reshape(weight.shape)
+
+
 def snap_to_q4_0_grid(source: Path, destination: Path) -> dict:
-    """A QAT-like checkpoint: every matrix of width divisible by 32 moved onto its q4_0 grid, in bfloat16."""
+    """A QAT-like checkpoint: every matrix of width divisible by 32 replaced by what llama.cpp's q4_0 makes of it,
+    stored in bfloat16 as QAT checkpoints are."""
     copy_checkpoint(source, destination)
     snapped = {}
     for file in destination.glob("*.safetensors"):
@@ -202,14 +215,23 @@ def snap_to_q4_0_grid(source: Path, destination: Path) -> dict:
         for name, value in weights.items():
             value = value.astype(mx.bfloat16)
             if value.ndim == 2 and value.shape[-1] % qat.BLOCK_SIZE == 0:
-                value = qat.dequantize_q4_0(value).astype(mx.bfloat16)
+                value = mx.array(gguf_q4_0(np.array(value.astype(mx.float32)))[1]).astype(mx.bfloat16)
                 snapped[name] = value
             weights[name] = value
         mx.save_safetensors(str(file), weights, metadata={"format": "pt"})
     return snapped
 
 
-def test_qat_mode_reproduces_q4_0_grid_weights_exactly(source, tmp_path, monkeypatch):
+def unpack_4_bit_codes(packed: np.ndarray) -> np.ndarray:
+    shifts = np.arange(32 // 4, dtype=np.uint32) * 4
+    return ((packed[..., None] >> shifts) & 15).reshape(*packed.shape[:-1], -1)
+
+
+@pytest.mark.parametrize("name, path", [
+    ("model.language_model.layers.1.self_attn.q_proj.weight", "language_model.model.layers.1.self_attn.q_proj"),
+    ("model.language_model.embed_tokens.weight", "language_model.model.embed_tokens"),
+])
+def test_qat_mode_stores_llama_cpps_q4_0_codes_and_weights(source, tmp_path, monkeypatch, name, path):
     monkeypatch.setattr(qat, "CHUNK_WEIGHTS", 1000)  # several row blocks per matrix, as on the real model
     snapped = snap_to_q4_0_grid(source[0], tmp_path / "qat")
     folder = convert(str(tmp_path / "qat"), str(tmp_path / "out"), qat=True, progress=False)
@@ -218,13 +240,12 @@ def test_qat_mode_reproduces_q4_0_grid_weights_exactly(source, tmp_path, monkeyp
     stored = {}
     for file in folder.glob("*.safetensors"):
         stored.update(mx.load(str(file)))
-    name, weight = "model.language_model.layers.1.self_attn.q_proj.weight", None
-    weight = snapped[name]
-    path = "language_model.model.layers.1.self_attn.q_proj"
+    codes, dequantized = gguf_q4_0(np.array(snapped[name].astype(mx.float32)))
+    np.testing.assert_array_equal(unpack_4_bit_codes(np.array(stored[f"{path}.weight"])), codes)
     scales, biases = stored[f"{path}.scales"], stored[f"{path}.biases"]
     assert mx.array_equal(biases, -8 * scales)
     restored = mx.dequantize(stored[f"{path}.weight"], scales.astype(mx.float32), biases.astype(mx.float32), 32, 4)
-    assert mx.array_equal(restored.astype(mx.bfloat16), weight)
+    np.testing.assert_array_equal(np.array(restored), dequantized)
 
 
 def test_qat_mode_refuses_weights_off_the_grid(source, tmp_path, capsys):
