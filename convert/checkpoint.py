@@ -50,6 +50,11 @@ def read_checkpoint(path: Path) -> Checkpoint:
             f"{path}: model_type {model_type!r} is not Gemma 4 unified "
             f"(expected one of {UNIFIED_MODEL_TYPES + (ASSISTANT_MODEL_TYPE,)})"
         )
+    if "quantization" in config or "quantization_config" in config:
+        raise Gemma4Error(
+            f"{path} is already quantized: convert from the unquantized checkpoint it was made from "
+            "(to upload this folder as it is, pass it as --mlx-path without --hf-path)"
+        )
     checkpoint = Checkpoint(path, config, weight_files(path))
     for file in checkpoint.files:
         for name, info in read_header(file).items():

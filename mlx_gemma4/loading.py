@@ -14,8 +14,8 @@ from .model import Model
 from .processor import Processor
 
 WEIGHTS_INDEX = "model.safetensors.index.json"
-# What a snapshot needs: never pickled weights.
-HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
+# What a snapshot needs: never pickled weights. The model card is read for its licence when converting.
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt", "README.md"]
 PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
