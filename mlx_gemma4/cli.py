@@ -1,7 +1,7 @@
 """Command line: `mlx-gemma4 --model PATH_OR_ID --prompt "..."` (or `python -m mlx_gemma4`).
 
 stdout carries only the generated text, streamed; statistics and notes (a reply cut short by the context) go to
-stderr. Flags share mlx-lm's names and meanings. Every flag is checked before a model is loaded.
+stderr. Flags share mlx-lm's names and meanings; their values are checked before a model is loaded.
 """
 
 import argparse
