@@ -11,7 +11,7 @@ import sys
 
 from .draft_policy import MAX_DRAFT_TOKENS
 from .errors import Gemma4Error
-from .generation import DEFAULT_MAX_TOKENS, DEFAULT_PREFILL_STEP_SIZE
+from .decoding import DEFAULT_MAX_TOKENS, DEFAULT_PREFILL_STEP_SIZE
 
 PROGRAM = "mlx-gemma4"
 

@@ -9,7 +9,8 @@ import torch
 from mlx_lm.tokenizer_utils import load as load_tokenizer
 
 from mlx_gemma4.errors import Gemma4Error
-from mlx_gemma4.generation import generate_step, prefill_chunks, stream_generate
+from mlx_gemma4.decoding import generate_step, prefill_chunks
+from mlx_gemma4.generation import stream_generate
 from mlx_gemma4.loading import load
 from mlx_gemma4.multimodal import audio_soft_tokens, block_ids_for, media_prompt, vision_soft_tokens
 from mlx_gemma4.processor import Processor
