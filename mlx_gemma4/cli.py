@@ -9,9 +9,9 @@ import json
 import math
 import sys
 
+from .decoding import DEFAULT_MAX_TOKENS, DEFAULT_PREFILL_STEP_SIZE
 from .draft_policy import MAX_DRAFT_TOKENS
 from .errors import Gemma4Error
-from .decoding import DEFAULT_MAX_TOKENS, DEFAULT_PREFILL_STEP_SIZE
 
 PROGRAM = "mlx-gemma4"
 
