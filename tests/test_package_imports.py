@@ -1,5 +1,6 @@
 """The package's modules import one another in one direction: no module imports, even inside a function, a module
 that imports it back."""
+
 import ast
 from pathlib import Path
 
