@@ -23,12 +23,13 @@ from mlx_gemma4.loading import load, load_model
 
 # Six tokens: within the fixture's sliding window, where mlx-vlm's sliding mask agrees with the reference's.
 PROMPT = np.array([[2, 30, 41, 52, 100, 7]])
-# Same architecture, same weights, different kernels and op order: float32 round-off only.
-PEER_TOLERANCE = 1e-5
+# Same architecture, same weights, different kernels and op order: float32 round-off only (5.2e-6 measured at most).
+PEER_TOLERANCE = 2e-5
 # 8-bit affine, group 64, on this random 7-layer model (which amplifies weight noise: 4-bit moves its logits by 0.46
-# of their standard deviation on average): measured mean |logit diff| 0.06 and max 0.54 standard deviations.
-EIGHT_BIT_MEAN_TOLERANCE = 0.1
-EIGHT_BIT_MAX_TOLERANCE = 0.75
+# of their standard deviation on average): measured mean |logit diff| 0.06 and max 0.54 standard deviations; bounded
+# at twice that and more.
+EIGHT_BIT_MEAN_TOLERANCE = 0.15
+EIGHT_BIT_MAX_TOLERANCE = 1.25
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,8 @@ from mlx_gemma4.multimodal import audio_soft_tokens, block_ids_for, media_prompt
 from mlx_gemma4.processor import Processor
 from mlx_gemma4.video_processing import Video
 from multimodal_fixtures import DATA, PromptBuilder, reference_inputs
-from reference_models import reference_logits, save_reference_checkpoint
+from reference_models import FLOAT32_TOLERANCE, reference_logits, save_reference_checkpoint
 
-FLOAT32_TOLERANCE = 1e-4
 
 PROMPTS = {
     "image": lambda b: b.text(3).image(3, 2, 8).text(4),
