@@ -25,7 +25,8 @@ import mlx.core as mx  # noqa: E402
 
 from measure import environment, log, measure, random_prompt  # noqa: E402
 from mlx_gemma4.errors import Gemma4Error  # noqa: E402
-from mlx_gemma4.loading import read_json, resolve_model_path  # noqa: E402
+from mlx_gemma4.json_files import read_json  # noqa: E402
+from mlx_gemma4.loading import resolve_model_path  # noqa: E402
 from mlx_gemma4.quantized_matvec import SWITCH  # noqa: E402
 from peer_mtp import (  # noqa: E402
     NO_MLX_LM_MTP, assistant_source_config, mtp_rows, run_peer_mtp, save_peer_assistant)

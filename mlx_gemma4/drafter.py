@@ -17,7 +17,8 @@ from .config import FULL, SLIDING, TextConfig
 from .decoder import TextModel
 from .draft_policy import DraftPolicy
 from .errors import Gemma4Error
-from .loading import check_dtype, load_weights, read_json, resolve_model_path
+from .json_files import read_json
+from .loading import check_dtype, load_weights, resolve_model_path
 from .model import DERIVED_TENSORS
 
 ASSISTANT_MODEL_TYPE = "gemma4_unified_assistant"
