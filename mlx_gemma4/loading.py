@@ -8,11 +8,11 @@ import mlx.nn as nn
 
 from .config import ModelConfig
 from .decoder import fuse_projections
-from .quantized_layers import use_few_row_products
 from .errors import Gemma4Error
 from .json_files import read_json
 from .model import Model
 from .processor import Processor
+from .quantized_layers import use_few_row_products
 
 WEIGHTS_INDEX = "model.safetensors.index.json"
 # What a snapshot needs: never pickled weights. The model card is read for its licence when converting.
