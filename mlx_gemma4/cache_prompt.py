@@ -1,6 +1,7 @@
 """Command line: `python -m mlx_gemma4.cache_prompt --model PATH_OR_ID --prompt "..." --prompt-cache-file F.safetensors`
-prefills a long prompt (a document) once and saves the caches; `python -m mlx_gemma4.generate --prompt-cache-file F
---prompt "question"` then continues from them, as many times as wanted, without prefilling the document again.
+prefills a long prompt (a document) once and saves the caches; `python -m mlx_gemma4 --model PATH_OR_ID
+--prompt-cache-file F --prompt "question"` then continues from them, as many times as wanted, without prefilling the
+document again.
 
 As mlx-lm's cache_prompt does, the chat template is applied with the user's turn left open: the cached document and
 each later question make one user message.
@@ -11,12 +12,12 @@ import sys
 
 from .decoding import DEFAULT_PREFILL_STEP_SIZE
 from .errors import Gemma4Error
-from .generate import OneLineParser, add_kv_cache_arguments, kv_options
+from .cli import OneLineParser, add_kv_cache_arguments, kv_options
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="python -m mlx_gemma4.cache_prompt",
-                           description="Prefill a prompt once and save its KV cache for generate --prompt-cache-file.")
+                           description="Prefill a prompt once and save its KV cache for mlx-gemma4 --prompt-cache-file.")
     parser.add_argument("--model", required=True, help="local folder or Hugging Face repo id")
     parser.add_argument("--prompt", "-p", required=True, help="the text to cache (a document), or - to read stdin")
     parser.add_argument("--prompt-cache-file", required=True, help="the .safetensors file to write")

@@ -17,8 +17,9 @@ from .config import FULL, SLIDING, TextConfig
 from .decoder import TextModel
 from .draft_policy import DraftPolicy
 from .errors import Gemma4Error
+from .json_files import read_json
 from .kv_cache import last_rows
-from .loading import check_dtype, load_weights, read_json, resolve_model_path
+from .loading import check_dtype, load_weights, resolve_model_path
 from .model import DERIVED_TENSORS
 
 ASSISTANT_MODEL_TYPE = "gemma4_unified_assistant"

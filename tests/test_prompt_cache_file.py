@@ -4,7 +4,7 @@ another model, a damaged one or a missing one is refused with our error (the CLI
 import mlx.core as mx
 import pytest
 
-from mlx_gemma4 import cache_prompt, generate
+from mlx_gemma4 import cache_prompt, cli
 from mlx_gemma4.errors import Gemma4Error
 from mlx_gemma4.generation import stream_generate
 from mlx_gemma4.loading import load
@@ -90,7 +90,7 @@ def test_cli_continues_a_cached_document_as_the_api_does(loaded, folders, tmp_pa
     cache_file = tmp_path / "document.safetensors"
     assert cache_prompt.main(["--model", str(folders / "model"), "--prompt", DOCUMENT, "--prompt-cache-file",
                               str(cache_file), "--kv-bits", "8", "--kv-group-size", "32"]) == 0
-    code = generate.main(["--model", str(folders / "model"), "--prompt-cache-file", str(cache_file), "--prompt",
+    code = cli.main(["--model", str(folders / "model"), "--prompt-cache-file", str(cache_file), "--prompt",
                           " Who jumps?", "-m", "6", "--verbose", "false"])
     out = capsys.readouterr().out
     cache, metadata = load_prompt_cache(cache_file, model, return_metadata=True)
@@ -108,7 +108,7 @@ def test_cli_refuses_a_bad_cache_file_in_one_line(folders, tmp_path, capsys, whi
     if which == "damaged":
         cache_file.write_bytes(cache_file.read_bytes()[:100])
     capsys.readouterr()
-    code = generate.main(["--model", str(folders / "model"), "--prompt-cache-file", str(cache_file), "--prompt", "x"])
+    code = cli.main(["--model", str(folders / "model"), "--prompt-cache-file", str(cache_file), "--prompt", "x"])
     err = capsys.readouterr().err
     assert code == 1
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err
