@@ -1,6 +1,6 @@
 """The README's long-context memory tables, derived from a bench result file, never typed by hand:
 
-    python bench/memory_table.py bench/results/h200-12b-4bit-memory.json
+    python bench/memory_table.py bench/results/h200-12b-4bit-memory.json [more result files of the same model]
 
 "Peak memory against depth" lists each runtime's peak (and its transient part: peak - weights - KV cache) at each
 measured depth and KV precision. "Largest context that fits" fits peak = a + b x depth to each runtime's measured
@@ -101,6 +101,14 @@ def readme_section(results: dict, source: str) -> str:
             f"{MAX_CONTEXT:,}-token context.\n\n{fits_table(results)}" + (f"\n\nDid not run:{notes}" if notes else ""))
 
 
+def merged(files: list) -> dict:
+    """One result dict from runs of the same model split over several calls (e.g. ours, then the peers)."""
+    results = [json.loads(Path(file).read_text()) for file in files]
+    first = dict(results[0])
+    first["command"] = "`; `".join(result["command"] for result in results)
+    first["long_context"] = [row for result in results for row in result.get("long_context", [])]
+    return first
+
+
 if __name__ == "__main__":
-    path = Path(sys.argv[1])
-    print(readme_section(json.loads(path.read_text()), str(path)))
+    print(readme_section(merged(sys.argv[1:]), "`, `".join(sys.argv[1:])))

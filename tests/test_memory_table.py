@@ -1,12 +1,13 @@
 """The README's memory tables come from a bench result file: peaks per depth, and the largest context each Mac size
 fits, solved from a straight-line fit of peak against depth."""
 
+import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from memory_table import GB, GPU_SHARE, MAX_CONTEXT, largest_context, readme_section  # noqa: E402
+from memory_table import GB, GPU_SHARE, MAX_CONTEXT, largest_context, merged, readme_section  # noqa: E402
 
 
 def row(runtime, kv_bits, depth, peak_gb, transient_gb=0.5):
@@ -35,3 +36,16 @@ def test_readme_section_has_both_tables_and_names_what_did_not_run():
     budget = 16 * GPU_SHARE
     assert f"| 16 GB ({budget:.1f} GB) |" in text
     assert "- mlx-lm, 8-bit KV: failed: NYI" in text
+
+
+def test_runs_split_over_several_files_make_one_table(tmp_path):
+    base = {"model": "random 12b", "precision": "4-bit", "machine": {"name": "H200"}}
+    ours = dict(base, command="bench ours", long_context=[row("ours", None, 8_192, 7.5)])
+    peers = dict(base, command="bench --skip-ours", long_context=[row("mlx-lm", None, 8_192, 7.9)])
+    files = []
+    for name, results in (("ours", ours), ("peers", peers)):
+        files.append(tmp_path / f"{name}.json")
+        files[-1].write_text(json.dumps(results))
+    combined = merged(files)
+    assert [r["runtime"] for r in combined["long_context"]] == ["ours", "mlx-lm"]
+    assert "bench ours" in combined["command"] and "bench --skip-ours" in combined["command"]
