@@ -73,7 +73,8 @@ def main(argv=None):
         results["rows"].append({"kv_bits": bits, **compare(exact, quantized)})
     print("| KV | mean KL | max KL | top-1 agreement |\n|---|---|---|---|")
     for row in results["rows"]:
-        print(f"| {row['kv_bits']}-bit | {row['mean_kl']:.2e} | {row['max_kl']:.2e} | {100 * row['top1_agreement']:.1f}% |")
+        print(f"| {row['kv_bits']}-bit | {row['mean_kl']:.2e} | {row['max_kl']:.2e} "
+              f"| {100 * row['top1_agreement']:.1f}% |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

@@ -9,6 +9,7 @@ each later question make one user message.
 
 import argparse
 import sys
+from pathlib import Path
 
 from .decoding import DEFAULT_PREFILL_STEP_SIZE
 from .errors import Gemma4Error
@@ -17,7 +18,8 @@ from .cli import OneLineParser, add_kv_cache_arguments, kv_options
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="python -m mlx_gemma4.cache_prompt",
-                           description="Prefill a prompt once and save its KV cache for mlx-gemma4 --prompt-cache-file.")
+                           description="Prefill a prompt once and save its KV cache for mlx-gemma4 "
+                                       "--prompt-cache-file.")
     parser.add_argument("--model", required=True, help="local folder or Hugging Face repo id")
     parser.add_argument("--prompt", "-p", required=True, help="the text to cache (a document), or - to read stdin")
     parser.add_argument("--prompt-cache-file", required=True, help="the .safetensors file to write")
@@ -41,6 +43,11 @@ def run(args):
     options = kv_options(args)
     if args.prefill_step_size < 1:
         raise Gemma4Error("--prefill-step-size must be at least 1")
+    target = Path(args.prompt_cache_file)
+    if target.suffix != ".safetensors":
+        raise Gemma4Error(f"--prompt-cache-file must end in .safetensors: {target}")
+    if target.exists():
+        raise Gemma4Error(f"{target} exists; remove it or choose another name")
     user_text = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not user_text:
         raise Gemma4Error("the prompt is empty")

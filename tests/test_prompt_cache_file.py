@@ -112,3 +112,12 @@ def test_cli_refuses_a_bad_cache_file_in_one_line(folders, tmp_path, capsys, whi
     err = capsys.readouterr().err
     assert code == 1
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err
+
+
+def test_cache_prompt_never_overwrites_a_file(folders, tmp_path, capsys):
+    existing = tmp_path / "mine.safetensors"
+    existing.write_bytes(b"the user's")
+    code = cache_prompt.main(["--model", str(folders / "model"), "--prompt", DOCUMENT, "--prompt-cache-file",
+                              str(existing)])
+    assert code == 1 and "exists" in capsys.readouterr().err
+    assert existing.read_bytes() == b"the user's"
