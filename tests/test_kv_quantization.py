@@ -81,6 +81,21 @@ def test_speculative_greedy_on_quantized_caches_equals_plain_greedy_on_them(chec
     assert speculative == plain
 
 
+def test_a_conversation_on_a_quantized_cache_sees_what_one_pass_over_it_sees(checkpoint):
+    """Each key row is quantized on its own, so a second turn on the cache of a first (prompt and reply) reads the
+    rows one prefill of the whole conversation writes."""
+    _, model, processor = checkpoint
+    options = dict(kv_bits=8, kv_group_size=GROUP_SIZE)
+    cache, follow_up = model.make_cache(), [70, 71, 72]
+    reply = [r.token for r in stream_generate(model, processor, PROMPT, max_tokens=6, prompt_cache=cache, **options)]
+    second_turn = next(stream_generate(model, processor, follow_up, max_tokens=1, prompt_cache=cache, **options))
+    conversation = PROMPT + reply + follow_up
+    logits = model(mx.array([conversation]), cache=model.make_cache(**options))[0, -1].astype(mx.float32)
+    expected = logits - mx.logsumexp(logits)
+    # Measured 3.3e-6 (float rounding in another order); bounded at about 10x that.
+    assert mx.abs(second_turn.logprobs - expected).max().item() <= 3e-5
+
+
 @pytest.mark.parametrize("options,message", [
     (dict(kv_bits=3), "kv_bits must be one of 4, 8"),
     (dict(kv_bits=8, kv_group_size=48), "kv_group_size must be one of"),
