@@ -44,9 +44,17 @@ def attention_values_and_embeddings(full_attention_layers: set, num_layers: int,
     return choose
 
 
+def mlp_at_high_bits(full_attention_layers: set, num_layers: int, group_size: int) -> Callable:
+    """Every MLP projection (gate, up, down: two thirds of the decoder's weights) at 8 bits, the rest at the
+    default bits: the layout of some widely shared community "4-bit" conversions."""
+    high = {"group_size": group_size, "bits": HIGH_BITS}
+    return lambda path: high if ".mlp." in path else True
+
+
 RECIPES = {
     "mixed_4_8": Recipe(
         "embeddings / output head and attention values at 8 bits, the rest at 4",
         attention_values_and_embeddings,
     ),
+    "mlp_8": Recipe("the MLP at 8 bits, the rest at 4", mlp_at_high_bits),
 }
