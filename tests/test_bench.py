@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -120,3 +121,17 @@ def test_default_four_bit_random_pair_runs_with_layers_narrower_than_a_group_lef
     bench.main(["--random", "tiny", "--random-draft", "--prompt-tokens", "20", "--gen-tokens", "4", "--repeat", "1",
                 "--num-draft-tokens", "2", "--json", str(path)])
     assert json.loads(path.read_text())["mtp"][0]["generated_tokens"] == 4
+
+
+def test_quality_study_scores_dequantized_weights_that_compute_the_quantized_model():
+    sys.path.insert(0, str(BENCH / "studies"))
+    from quant_quality import dequantized
+
+    quantized, _ = build_random_model("tiny", 4, seed=3)
+    plain, _ = build_random_model("tiny", 4, seed=3)
+    for model in (quantized, plain):  # float32 scales, as the study's float32 checkpoint gives
+        model.set_dtype(mx.float32)
+    dequantized(plain)
+    assert not any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in plain.named_modules())
+    ids = mx.arange(3, 40)[None]
+    assert mx.abs(plain(ids) - quantized(ids)).max().item() < 1e-4
