@@ -157,8 +157,11 @@ def snapped_to_q4_0_grid(source: Path, folder: Path) -> Path:
     return folder
 
 
-def quantized_rows(source: Path, recipes: list, windows: np.ndarray, scratch: Path, model_12b: Model) -> list:
-    references = reference_outputs(load_model(source), windows)
+def quantized_rows(source: Path, recipes: list, windows: np.ndarray, scratch: Path, model_12b: Model) -> dict:
+    unquantized = load_model(source)
+    references = reference_outputs(unquantized, windows)
+    perplexity = score(unquantized, windows, references)["held_out_perplexity"]
+    print(f"{'unquantized':52s} ppl {perplexity:.3f}", flush=True)
     rows = []
     for index, (label, options) in enumerate(recipes):
         folder = convert(str(source), str(scratch / f"{source.name}-recipe-{index}"), quantize=True, progress=False,
@@ -169,7 +172,7 @@ def quantized_rows(source: Path, recipes: list, windows: np.ndarray, scratch: Pa
         print(f"{label:52s} KL {figures['kl_nats_per_token']['mean']:.5f} "
               f"top-1 {figures['top1_agreement']['mean']:.4f} ppl {figures['held_out_perplexity']:.3f}", flush=True)
         shutil.rmtree(folder)
-    return rows
+    return {"unquantized_held_out_perplexity": perplexity, "rows": rows}
 
 
 def dequantization_check(source: Path, windows: np.ndarray, scratch: Path) -> dict:
