@@ -41,7 +41,7 @@ def media_prompt(config, image_tokens: int = 0, audio_seconds: float = 0.0, seed
 
 def multimodal_runtime(model, prompt: dict) -> Runtime:
     """Ours, with the media embedded inside the timed region (the steps generator runs it before the prefill)."""
-    from mlx_gemma4.generation import generate_step
+    from mlx_gemma4.decoding import generate_step
     from mlx_gemma4.multimodal import block_ids_for, merge_media
 
     def steps(ids: list, max_tokens: int, cache: list):

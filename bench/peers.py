@@ -30,7 +30,7 @@ class Runtime:
 
 
 def ours(model) -> Runtime:
-    from mlx_gemma4.generation import generate_step
+    from mlx_gemma4.decoding import generate_step
 
     def steps(prompt: list, max_tokens: int, cache: list):
         return generate_step(mx.array(prompt), model, max_tokens=max_tokens, prompt_cache=cache,

@@ -15,6 +15,7 @@ from mlx.utils import tree_flatten
 
 from mlx_gemma4.config import FULL, SLIDING, ModelConfig
 from mlx_gemma4.decoder import checkpoint_weights, fuse_projections
+from mlx_gemma4.quantized_layers import use_few_row_products
 from mlx_gemma4.errors import Gemma4Error
 from mlx_gemma4.model import Model
 
@@ -130,6 +131,7 @@ def build_random_model(shape: str, bits: int, seed: int = 0):
             getattr(model, name).set_dtype(DTYPES.get(bits, mx.bfloat16))
     mx.eval(model.parameters())
     fuse_projections(model)  # as load_model does: the benchmark times the model users load
+    use_few_row_products(model)
     model.eval()
     return model, config
 
@@ -234,5 +236,6 @@ def build_random_assistant(target_config: dict, bits: int, seed: int = 1):
             finish_module(module, bits)
     mx.eval(drafter.parameters())
     fuse_projections(drafter)
+    use_few_row_products(drafter)
     drafter.eval()
     return drafter

@@ -5,10 +5,13 @@ as long as the GPU's own work, so decoding waits on the host. Compiled, the grap
 mx.compile fuses the step's elementwise tails into fewer kernels. A compiled function needs the same array shapes at
 every call, which the caches of kv_cache.py give: the step writes its keys and values at the position it is handed
 (an array, so every position is one trace) and reads the whole buffers, masking what it must not see. Full layers'
-buffers grow in steps of CAPACITY_STEP positions, each a new trace, kept on the model for later generations.
+buffers grow in steps of CAPACITY_STEP positions, each a new trace, kept in the model's `compiled_steps` for later
+generations. A trace holds the weights it was made with as constants, so the traces are dropped whenever a parameter
+of the model has been replaced since (model.update, load_weights, quantizing, an adapter).
 """
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from .config import FULL, SLIDING
 from .kv_cache import FullCache, WindowCache
@@ -61,16 +64,23 @@ def traced_step(model, sliding_masked: bool):
 
 
 class CompiledSteps:
-    """The compiled step functions of one model ({sliding layers masked: function}) and the buffer shapes already
-    traced, kept on the model so that every later generation replays the same traces."""
+    """A model's compiled step functions ({sliding layers masked: function}), the buffer shapes already traced, and
+    the parameter arrays they were traced with. Model owns one, so that every later generation replays its traces."""
 
     def __init__(self):
         self.functions = {}
         self.traced = set()
+        self.weights = []
 
-    @staticmethod
-    def of(model) -> "CompiledSteps":
-        return vars(model).setdefault("compiled_decode_steps", CompiledSteps())
+    def drop_if_stale(self, model):
+        """Forget every trace if any parameter of `model` is another array than at tracing time. Replacing arrays
+        is how MLX changes weights (Module.update, load_weights, quantize, optimizers); the traced arrays are held
+        here, so none can be freed and an identity be reused while the traces exist."""
+        weights = [value for _, value in tree_flatten(model.parameters())]
+        if len(weights) != len(self.weights) or any(now is not then for now, then in zip(weights, self.weights)):
+            self.functions.clear()
+            self.traced.clear()
+            self.weights = weights
 
 
 def decode_step(model, cache: list, return_hidden: bool = False):
@@ -85,7 +95,8 @@ def decode_step(model, cache: list, return_hidden: bool = False):
     window = model.language_model.model.config.sliding_window
     full_caches = [c for c in cache if isinstance(c, FullCache)]
     slots = next((c.slots for c in cache if isinstance(c, WindowCache)), window)
-    compiled = CompiledSteps.of(model)
+    compiled = model.compiled_steps
+    compiled.drop_if_stale(model)
 
     def masked(position: int) -> bool:
         return slots > window or position < window - 1

@@ -15,8 +15,10 @@ import mlx.nn as nn
 
 from .config import FULL, SLIDING, TextConfig
 from .decoder import TextModel
+from .draft_policy import DraftPolicy
 from .errors import Gemma4Error
-from .loading import check_dtype, load_weights, read_json, resolve_model_path
+from .json_files import read_json
+from .loading import check_dtype, load_weights, resolve_model_path
 from .model import DERIVED_TENSORS
 
 ASSISTANT_MODEL_TYPE = "gemma4_unified_assistant"
@@ -95,6 +97,9 @@ class Drafter(nn.Module):
             self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
         if config.use_ordered_embeddings:
             self.masked_embedding = MaskedEmbedder(config)
+        # What the adaptive draft length has learned with the target this drafter runs with (acceptance at each
+        # draft position, round times): a chat's later turns start from it instead of exploring again.
+        self.draft_policy = DraftPolicy()
 
     def __call__(self, token_embedding: mx.array, target_hidden: mx.array, target_kv: dict, position: int):
         """One draft step: (logits, projected state) for the token after `token_embedding`, which sits at `position`.

@@ -1,5 +1,5 @@
-"""Generation as a generator: chunked prefill, then one sampled token per step, the next step queued before the
-current token is handed out (`mx.async_eval`), as mlx-lm's `generate_step` does."""
+"""The public generation API: stream_generate (a generator of GenerationResponses: text, token, statistics) and
+generate, over plain decoding (decoding.py) or speculative decoding with the MTP assistant (speculative.py)."""
 
 import time
 from dataclasses import dataclass
@@ -9,15 +9,9 @@ import mlx.core as mx
 from mlx_lm.generate import wired_limit
 from mlx_lm.sample_utils import make_sampler
 
-from .decode_step import decode_step
+from .decoding import DEFAULT_MAX_TOKENS, DEFAULT_PREFILL_STEP_SIZE, generate_step, generation_stream
 from .errors import Gemma4Error
-
-DEFAULT_PREFILL_STEP_SIZE = 2048
-DEFAULT_MAX_TOKENS = 256
-# mlx keeps freed buffers for reuse; returning them now and then keeps a long generation's footprint flat.
-CLEAR_CACHE_EVERY = 256
-
-generation_stream = mx.new_stream(mx.default_device())
+from .speculative import speculative_steps
 
 
 @dataclass
@@ -33,85 +27,6 @@ class GenerationResponse:
     time_to_first_token: float  # seconds
     peak_memory: float  # GB
     finish_reason: Optional[str] = None  # "stop" (end of turn or EOS), "length" (max tokens) or None
-
-
-def prefill_chunks(length: int, step: int, block_ids: Optional[mx.array] = None) -> list:
-    """(start, end) pieces of the prompt, each at most `step` long, except that a vision block (tokens that attend
-    to each other both ways) is never cut: a boundary inside one moves to the block's start, or its end."""
-    ids = None if block_ids is None else block_ids.reshape(-1).tolist()
-    bounds, start = [], 0
-    while start < length:
-        end = min(start + step, length)
-        if ids is not None and end < length and ids[end] >= 0 and ids[end] == ids[end - 1]:
-            block_start = end
-            while block_start > start and ids[block_start - 1] == ids[end]:
-                block_start -= 1
-            if block_start > start:
-                end = block_start
-            else:
-                while end < length and ids[end] == ids[start]:
-                    end += 1
-        bounds.append((start, end))
-        start = end
-    return bounds
-
-
-def sample_last(logits: mx.array, sampler: Callable) -> tuple:
-    """(token (1,), log-probabilities (1, vocab)) at the last position of `logits` (1, length, vocab)."""
-    logprobs = logits[:, -1, :] - mx.logsumexp(logits[:, -1, :], axis=-1, keepdims=True)
-    return sampler(logprobs), logprobs
-
-
-def generate_step(
-    prompt: mx.array,
-    model,
-    *,
-    max_tokens: int = DEFAULT_MAX_TOKENS,
-    sampler: Optional[Callable] = None,
-    prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
-    prompt_cache: Optional[list] = None,
-    input_embeddings: Optional[mx.array] = None,
-    block_ids: Optional[mx.array] = None,
-) -> Iterator[tuple]:
-    """Yields (token, logprobs) for `prompt` (1-D token ids). `input_embeddings` (1, length, hidden) replaces the
-    token embeddings (multimodal prompts); `block_ids` (1, length) marks vision blocks for their attention mask."""
-    cache = model.make_cache() if prompt_cache is None else prompt_cache
-    sampler = sampler or make_sampler(0.0)
-
-    def forward(start: int, end: int, logits_to_keep: int):
-        chunk_blocks = None if block_ids is None else block_ids[:, start:end]
-        if input_embeddings is not None:
-            return model(cache=cache, input_embeddings=input_embeddings[:, start:end],
-                         logits_to_keep=logits_to_keep, block_ids=chunk_blocks)
-        return model(prompt[None, start:end], cache=cache, logits_to_keep=logits_to_keep, block_ids=chunk_blocks)
-
-    def sample(logits):
-        token, logprobs = sample_last(logits, sampler)
-        return token, logprobs.squeeze(0)
-
-    with mx.stream(generation_stream):
-        chunks = prefill_chunks(prompt.size, prefill_step_size, block_ids)
-        for start, end in chunks[:-1]:
-            forward(start, end, logits_to_keep=1)
-            mx.eval([c.state for c in cache])
-            mx.clear_cache()
-        token, logprobs = sample(forward(*chunks[-1], logits_to_keep=1))
-    mx.async_eval(token, logprobs)
-
-    step = decode_step(model, cache) if max_tokens > 1 else None
-    produced = 0
-    while True:
-        if produced + 1 < max_tokens:
-            with mx.stream(generation_stream):
-                next_token, next_logprobs = sample(step(token[:, None]))
-            mx.async_eval(next_token, next_logprobs)
-        yield token.item(), logprobs
-        produced += 1
-        if produced == max_tokens:
-            return
-        if produced % CLEAR_CACHE_EVERY == 0:
-            mx.clear_cache()
-        token, logprobs = next_token, next_logprobs
 
 
 def context_length(model) -> int:
@@ -169,8 +84,6 @@ def stream_generate(
     if seed is not None:
         mx.random.seed(seed)
     if draft_model is not None:
-        from .speculative import speculative_steps
-
         tokens = speculative_steps(
             mx.array(ids), model, draft_model, max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k,
             min_p=min_p, sampler=sampler, num_draft_tokens=num_draft_tokens, prefill_step_size=prefill_step_size,

@@ -87,10 +87,18 @@ class WindowCache:
         self.offset -= count
         return count
 
+    def advance(self, count: int):
+        """Undo trim(count) when nothing was written since: the positions it hid are still in the ring."""
+        self.offset += count
+
 
 class FullCache(KVCache):
     """A full-attention layer's keys and values in position order: mlx-lm's KVCache, plus room reserved ahead so
     that a run of one-token steps sees one buffer shape."""
+
+    def advance(self, count: int):
+        """Undo trim(count) when nothing was written since: the positions it hid are still in the buffer."""
+        self.offset += count
 
     def capacity(self) -> int:
         return 0 if self.keys is None else self.keys.shape[2]

@@ -10,6 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ModelConfig
+from .decode_step import CompiledSteps
 from .decoder import LanguageModel
 from .embedder import make_embedders
 from .errors import Gemma4Error
@@ -24,6 +25,8 @@ class Model(nn.Module):
         super().__init__()
         self.config = config
         self.language_model = LanguageModel(config.text_config)
+        # decode_step.py's traces of the one-token step, replayed by every generation with this model.
+        self.compiled_steps = CompiledSteps()
         for name, module in make_embedders(
             config.vision_config, config.audio_config, config.text_config.hidden_size
         ).items():

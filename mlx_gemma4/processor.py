@@ -11,6 +11,7 @@ from mlx_lm.tokenizer_utils import load as load_tokenizer
 from .config import ModelConfig
 from .errors import Gemma4Error
 from .image_processing import PatchBudget
+from .json_files import read_optional_json
 from .video_processing import VIDEO_BUDGET
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
@@ -33,11 +34,7 @@ class Processor:
     def from_folder(cls, model_path: Path, config: ModelConfig) -> "Processor":
         if not any((model_path / name).exists() for name in TOKENIZER_FILES):
             raise Gemma4Error(f"no tokenizer in {model_path} (expected tokenizer.json or tokenizer.model)")
-        from .loading import read_json
-
-        generation = read_json(model_path / "generation_config.json") if (
-            model_path / "generation_config.json"
-        ).exists() else {}
+        generation = read_optional_json(model_path / "generation_config.json")
         try:
             tokenizer = load_tokenizer(model_path)
         except Exception as error:  # the tokenizer libraries raise many kinds; all mean the same to a user
@@ -48,7 +45,7 @@ class Processor:
         end_of_turn = tokenizer.get_vocab().get(END_OF_TURN_TOKEN)
         if end_of_turn is not None:
             stop.add(end_of_turn)
-        media = read_json(model_path / "processor_config.json") if (model_path / "processor_config.json").exists() else {}
+        media = read_optional_json(model_path / "processor_config.json")
         image_budget = PatchBudget.from_dict(media.get("image_processor", {}))
         video_budget = PatchBudget.from_dict({**VIDEO_BUDGET.__dict__, **media.get("video_processor", {})})
         return cls(tokenizer, config, stop, image_budget, video_budget)
@@ -80,13 +77,27 @@ class Processor:
         bos = self.tokenizer.bos_token
         return self.tokenizer.encode(text, add_special_tokens=bos is None or not text.startswith(bos))
 
-    def __call__(self, text: str, images: Optional[list] = None, audio: Optional[list] = None,
+    def media_placeholders(self, images: Optional[list], audio: Optional[list], videos: Optional[list]) -> str:
+        """The text the reference processor writes for media given without text: one placeholder per item, joined
+        by spaces (its prepare_inputs_layout does so for images, and for audio)."""
+        counts = {"image_token_id": len(images or []), "video_token_id": len(videos or []),
+                  "audio_token_id": len(audio or [])}
+        tokens = [self.tokenizer.convert_ids_to_tokens(getattr(self.config, name))
+                  for name, count in counts.items() for _ in range(count)]
+        if not tokens:
+            raise Gemma4Error("the processor needs text, media, or both")
+        return " ".join(tokens)
+
+    def __call__(self, text: Optional[str] = None, images: Optional[list] = None, audio: Optional[list] = None,
                  videos: Optional[list] = None) -> dict:
         """Model inputs under the reference processor's names. As there, each `<|image|>`, `<|audio|>` or `<|video|>`
         in `text` stands for the next item of its list and is expanded to that item's soft tokens between begin and
-        end tokens; the media arrays and `mm_token_type_ids` come with it."""
+        end tokens; the media arrays and `mm_token_type_ids` come with it. Without `text`, the prompt is the media's
+        placeholders alone."""
         from .multimodal import expand_media
 
+        if text is None:
+            text = self.media_placeholders(images, audio, videos)
         text, media = expand_media(self, text, images, audio, videos)
         ids = self.encode(text)
         inputs = {"input_ids": mx.array([ids]), "attention_mask": mx.ones((1, len(ids)), dtype=mx.int32)}

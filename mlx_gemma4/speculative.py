@@ -10,6 +10,11 @@ is distributed as plain sampling from the target.
 Sliding-window layers keep their keys in a ring (kv_cache.WindowCache) a little longer than the window: a rollback
 moves the offset back, and the extra slots still hold what the window and the drafter (which reads one key more than
 the window) need. A plain round (k = 0) is plain generation's compiled decode step.
+
+As in plain decoding, whenever a token is handed out the caches hold exactly the prompt and the tokens handed out so
+far: the round that feeds a round's last token is queued before that token is yielded, and while the caller holds a
+token the positions written past it (drafts still being verified) are trimmed away, and restored when it asks for
+the next one. However the caller stops, `prompt_cache` is ready for the next turn.
 """
 
 import time
@@ -23,7 +28,7 @@ from .config import SLIDING
 from .draft_policy import MAX_DRAFT_TOKENS, DraftPolicy
 from .errors import Gemma4Error
 from .decode_step import decode_step
-from .generation import CLEAR_CACHE_EVERY, DEFAULT_PREFILL_STEP_SIZE, generate_step, generation_stream, sample_last
+from .decoding import CLEAR_CACHE_EVERY, DEFAULT_PREFILL_STEP_SIZE, generation_stream, prefill, sample_last
 from .kv_cache import FullCache, WindowCache
 
 
@@ -159,11 +164,15 @@ def draft(drafter, embed, token: mx.array, hidden: mx.array, target_kv: dict, po
     return tokens, distributions
 
 
-def learned_policy(drafter, model) -> DraftPolicy:
-    """The adaptive policy this drafter has learned with this target, kept on the drafter across generations: a
-    chat's later turns start from the round times and acceptance the earlier ones measured instead of exploring
-    again. (Kept in the object's own attributes, outside the module's parameters.)"""
-    return vars(drafter).setdefault("learned_draft_policies", {}).setdefault(id(model), DraftPolicy())
+def handed_out(cache: list, steps: list, ahead: list) -> Iterator[tuple]:
+    """Yields each of `steps` while the caches hide the `ahead[i]` positions already written past it, so that they
+    hold exactly what was handed out; the hidden positions come back when the caller asks for the next one."""
+    for step, hidden_positions in zip(steps, ahead):
+        for layer_cache in cache:
+            layer_cache.trim(hidden_positions)
+        yield step
+        for layer_cache in cache:
+            layer_cache.advance(hidden_positions)
 
 
 def speculative_generate_step(
@@ -185,7 +194,7 @@ def speculative_generate_step(
     """Yields (token, logprobs, from_draft) for `prompt`; the prefill (media included) is generate_step's own.
     `num_draft_tokens` fixes K; None lets draft_policy.DraftPolicy pick it from measured acceptance and round
     times."""
-    policy = learned_policy(drafter, model) if num_draft_tokens is None else DraftPolicy(num_draft_tokens)
+    policy = drafter.draft_policy if num_draft_tokens is None else DraftPolicy(num_draft_tokens)
     policy.begin()
     statistics = statistics if statistics is not None else DraftStatistics()
     cache = make_speculative_cache(model) if prompt_cache is None else prompt_cache
@@ -230,44 +239,53 @@ def speculative_generate_step(
         return step
 
     recorder = LastHiddenRecorder(model)
-    token, logprobs = next(generate_step(prompt, recorder, max_tokens=1, sampler=sampler,
-                                         prefill_step_size=prefill_step_size, prompt_cache=cache, **model_inputs))
-    yield token, logprobs, False
+    first, first_logprobs = prefill(prompt, recorder, cache, sampler, prefill_step_size, **model_inputs)
     plain_step = decode_step(model, cache, return_hidden=True)
-    produced = 1
+    current = start_round(first[None], recorder.last_hidden, policy.next(max_tokens - 1))
+    yield from handed_out(cache, [(first.item(), first_logprobs, False)], [current.k])
+    produced, next_clear = 1, CLEAR_CACHE_EVERY
     clock = time.perf_counter()
-    first = mx.array([[token]])
-    step = start_round(first, recorder.last_hidden, policy.next(max_tokens - 1)) if max_tokens > 1 else None
-    while step is not None:
+    while produced < max_tokens:
+        # `current` is queued, and its first input, the last token handed out, is in the caches.
         queued = None
-        if step.k == 0 and max_tokens - produced > 1:
+        if current.k == 0 and max_tokens - produced > 1:
             # A plain step rolls nothing back, so the next round can be queued on its still-lazy token before
             # this one is waited for, as generate_step pipelines.
-            queued = start_round(step.fallback[None, :1], step.hidden, policy.next(max_tokens - produced - 1))
+            queued = start_round(current.fallback[None, :1], current.hidden, policy.next(max_tokens - produced - 1))
         # Keep the drafts up to the first rejected one, then the target's own token there.
-        count = (step.accepted.tolist() + [False]).index(False)
-        tokens = (step.drafts.tolist()[:count] + [step.fallback[count].item()])[: max_tokens - produced]
+        count = (current.accepted.tolist() + [False]).index(False)
+        tokens = (current.drafts.tolist()[:count] + [current.fallback[count].item()])[: max_tokens - produced]
         now = time.perf_counter()
-        policy.record(step.k, count, now - clock)
+        policy.record(current.k, count, now - clock)
         clock = now
-        # Roll back exactly the rejected drafts: the caches then end at the last kept token's position.
+        # Roll back exactly the rejected drafts: the caches then end at the last kept draft.
         for layer_cache in cache:
-            layer_cache.trim(step.k - count)
-        statistics.drafted += step.k
+            layer_cache.trim(current.k - count)
+        statistics.drafted += current.k
         statistics.target_passes += 1
         statistics.emitted += len(tokens)
-        remaining = max_tokens - produced - len(tokens)
-        # Queue the next round before handing out this one's tokens: it runs while the caller works.
-        if remaining and queued is None:
-            queued = start_round(mx.array([[tokens[-1]]]), step.hidden[:, count : count + 1],
-                                 policy.next(remaining))
-        for index, token in enumerate(tokens):
-            statistics.accepted += index < count
-            yield token, step.logprobs[index], index < count
-            produced += 1
-            if produced % CLEAR_CACHE_EVERY == 0:
-                mx.clear_cache()
-        step = queued
+        statistics.accepted += min(count, len(tokens))
+        steps = [(token, current.logprobs[index], index < count) for index, token in enumerate(tokens)]
+        kept_drafts = min(count, len(tokens))
+        # The kept drafts are in the caches already, each with the later kept drafts behind it.
+        yield from handed_out(cache, steps[:kept_drafts], [count - index - 1 for index in range(kept_drafts)])
+        produced += kept_drafts
+        if kept_drafts == len(tokens):  # max_tokens ends on a kept draft: only the drafts after it are dropped
+            for layer_cache in cache:
+                layer_cache.trim(count - kept_drafts)
+            return
+        # The target's own token: the next round feeds it (a plain step when nothing more is wanted) and is queued
+        # before the token is handed out, to run while the caller works.
+        remaining = max_tokens - produced - 1
+        if queued is None:
+            queued = start_round(mx.array([[tokens[-1]]]), current.hidden[:, count : count + 1],
+                                 policy.next(remaining) if remaining else 0)
+        yield from handed_out(cache, steps[-1:], [queued.k])
+        produced += 1
+        if produced >= next_clear:
+            mx.clear_cache()
+            next_clear += CLEAR_CACHE_EVERY
+        current = queued
 
 
 def speculative_steps(prompt: mx.array, model, drafter, *, sampler=None, **options) -> Iterator[tuple]:

@@ -4,6 +4,9 @@ states (reference_models.text_config): hidden 48, sliding heads of 12, full head
 import contextlib
 from pathlib import Path
 
+import mlx.core as mx
+
+from mlx_gemma4.draft_policy import DraftPolicy
 from reference_models import randomize
 
 TARGET_HIDDEN = 48
@@ -68,3 +71,24 @@ def save_reference_assistant(folder: Path, **options):
         model = build_reference_assistant(**options)
         model.save_pretrained(str(folder))
     return model
+
+
+class ScriptedDrafter:
+    """A drafter double that proposes the plain greedy continuation (`wrong`: always another token)."""
+
+    def __init__(self, drafter, sequence: list, wrong: bool = False):
+        self.config = drafter.config  # passes stream_generate's compatibility check
+        self.sequence, self.vocab_size, self.wrong = sequence, drafter.config.text_config.vocab_size, wrong
+        self.position, self.step = None, 0
+        self.draft_policy = DraftPolicy()
+
+    def __call__(self, token_embedding, target_hidden, target_kv, position):
+        if position != self.position:
+            self.position, self.step = position, 0
+        index = position + 1 + self.step
+        self.step += 1
+        token = self.sequence[index] if index < len(self.sequence) else 0
+        if self.wrong:
+            token = (token + 1) % self.vocab_size
+        logits = mx.zeros((1, 1, self.vocab_size)).at[..., token].add(10.0)
+        return logits, target_hidden

@@ -4,9 +4,9 @@ import mlx.core as mx
 import pytest
 import torch
 
-from mlx_gemma4.decode_step import CompiledSteps
 from mlx_gemma4.errors import Gemma4Error
-from mlx_gemma4.generation import generate, prefill_chunks, stream_generate, stream_responses
+from mlx_gemma4.decoding import generate_step, prefill_chunks
+from mlx_gemma4.generation import generate, stream_generate, stream_responses
 from mlx_gemma4.loading import load
 from reference_models import save_reference_checkpoint
 
@@ -52,11 +52,19 @@ def test_generation_stops_at_max_tokens(checkpoint):
     assert all(r.finish_reason is None for r in responses[:-1])
 
 
+def test_a_reply_cut_short_by_the_context_finishes_on_length(checkpoint):
+    _, _, model, processor = checkpoint
+    prompt = [2, 40, 41]
+    responses = list(stream_generate(model, processor, prompt, max_tokens=200, sampler=lambda lp: mx.array([300])))
+    assert len(responses) == model.config.text_config.max_position_embeddings - len(prompt)
+    assert responses[-1].finish_reason == "length"
+
+
 def test_a_later_generation_replays_the_first_ones_compiled_steps(checkpoint):
     _, _, model, processor = checkpoint
     prompt = [2, 40, 41, 42, 43]
     first = generate(model, processor, prompt, max_tokens=12)
-    compiled = CompiledSteps.of(model)
+    compiled = model.compiled_steps
     functions, traced = dict(compiled.functions), set(compiled.traced)
     assert functions and traced
     assert generate(model, processor, prompt, max_tokens=12) == first
@@ -113,3 +121,28 @@ def test_prefill_chunks_never_cut_a_vision_block():
     assert prefill_chunks(10, 4) == [(0, 4), (4, 8), (8, 10)]
     # A block longer than the step stays whole.
     assert prefill_chunks(8, 2, mx.array([[-1, 0, 0, 0, 0, -1, -1, -1]])) == [(0, 1), (1, 5), (5, 7), (7, 8)]
+
+
+def forward_logprobs(model, ids: list) -> list:
+    """Each position's log-probabilities from one uncompiled forward pass over `ids`."""
+    logits = model(mx.array([ids]))[0].astype(mx.float32)
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize("change", ["update", "load_weights"])
+def test_decoding_sees_weights_replaced_after_an_earlier_generation(checkpoint, change):
+    folder, _, _, _ = checkpoint
+    model, _ = load(folder)
+    prompt = [2, 40, 41, 42, 43]
+    list(generate_step(mx.array(prompt), model, max_tokens=6))  # traces the compiled step with the old weights
+    head = model.language_model.model.embed_tokens.weight
+    new_head = head * 1.5 + 0.01
+    if change == "update":
+        model.language_model.model.embed_tokens.update({"weight": new_head})
+    else:
+        model.load_weights([("language_model.model.embed_tokens.weight", new_head)], strict=False)
+    steps = list(generate_step(mx.array(prompt), model, max_tokens=6))
+    tokens = [token for token, _ in steps]
+    expected = forward_logprobs(model, prompt + tokens)[len(prompt) - 1 : -1]
+    got = mx.stack([logprobs for _, logprobs in steps])
+    assert mx.abs(got - expected).max().item() <= 1e-4

@@ -15,7 +15,7 @@ from mlx_gemma4.loading import load
 from mlx_gemma4.speculative import DraftStatistics, make_filter, speculative_generate_step
 from multimodal_fixtures import DATA
 from reference_models import save_reference_checkpoint
-from speculative_fixtures import save_reference_assistant
+from speculative_fixtures import ScriptedDrafter, save_reference_assistant
 
 SLIDING_WINDOW = 4
 # Long enough to pass the sliding window many times over, and the rollback margin too.
@@ -42,26 +42,6 @@ def build_pair(tmp_path_factory, target_folder):
     processor.stop_token_ids = set()  # random models stop at random places; these tests choose their stops
     plain = [r.token for r in stream_generate(model, processor, PROMPT, max_tokens=GENERATED)]
     return model, processor, load_drafter(assistant_folder), plain
-
-
-class ScriptedDrafter:
-    """A drafter double that proposes the plain greedy continuation (`wrong`: always another token)."""
-
-    def __init__(self, drafter, sequence: list, wrong: bool = False):
-        self.config = drafter.config  # passes stream_generate's compatibility check
-        self.sequence, self.vocab_size, self.wrong = sequence, drafter.config.text_config.vocab_size, wrong
-        self.position, self.step = None, 0
-
-    def __call__(self, token_embedding, target_hidden, target_kv, position):
-        if position != self.position:
-            self.position, self.step = position, 0
-        index = position + 1 + self.step
-        self.step += 1
-        token = self.sequence[index] if index < len(self.sequence) else 0
-        if self.wrong:
-            token = (token + 1) % self.vocab_size
-        logits = mx.zeros((1, 1, self.vocab_size)).at[..., token].add(10.0)
-        return logits, target_hidden
 
 
 def speculative_tokens(model, processor, drafter, **options):
@@ -283,7 +263,7 @@ def test_window_ring_hands_out_the_window_after_appends_wraps_and_trims():
 
 
 def test_the_cli_refuses_a_mismatched_assistant_in_one_line(target_folder, tmp_path, capsys):
-    from mlx_gemma4.generate import main
+    from mlx_gemma4.cli import main
 
     target, assistant = target_folder, tmp_path / "assistant"
     save_reference_assistant(assistant, backbone=40)

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for rand
 
 import mlx.core as mx  # noqa: E402
 
-from mlx_gemma4 import draft_policy, generation, speculative  # noqa: E402
+from mlx_gemma4 import decoding, draft_policy, speculative  # noqa: E402
 from random_model import build_random_assistant, build_random_model  # noqa: E402
 
 
@@ -50,7 +50,7 @@ def main(argv=None):
     mx.async_eval = clock
 
     def plain(make_cache):
-        return lambda: list(generation.generate_step(prompt, model, max_tokens=count, prompt_cache=make_cache()))
+        return lambda: list(decoding.generate_step(prompt, model, max_tokens=count, prompt_cache=make_cache()))
 
     def speculative_loop(num_draft_tokens=None):
         return lambda: list(speculative.speculative_generate_step(prompt, model, drafter, max_tokens=count,

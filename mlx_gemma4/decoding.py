@@ -1,0 +1,107 @@
+"""Plain decoding as a generator: chunked prefill, then one sampled token per step, the next step queued before the
+current token is handed out (`mx.async_eval`), as mlx-lm's `generate_step` does.
+
+Whenever a token is handed out, the caches hold exactly the prompt and every token handed out so far, that one
+included: its step is queued before it is yielded. However the caller stops (a stop token, max_tokens, or leaving
+the loop), `prompt_cache` is then ready for the next turn."""
+
+from typing import Callable, Iterator, Optional
+
+import mlx.core as mx
+from mlx_lm.sample_utils import make_sampler
+
+from .decode_step import decode_step
+
+DEFAULT_PREFILL_STEP_SIZE = 2048
+DEFAULT_MAX_TOKENS = 256
+# mlx keeps freed buffers for reuse; returning them now and then keeps a long generation's footprint flat.
+CLEAR_CACHE_EVERY = 256
+
+generation_stream = mx.new_stream(mx.default_device())
+
+
+def prefill_chunks(length: int, step: int, block_ids: Optional[mx.array] = None) -> list:
+    """(start, end) pieces of the prompt, each at most `step` long, except that a vision block (tokens that attend
+    to each other both ways) is never cut: a boundary inside one moves to the block's start, or its end."""
+    ids = None if block_ids is None else block_ids.reshape(-1).tolist()
+    bounds, start = [], 0
+    while start < length:
+        end = min(start + step, length)
+        if ids is not None and end < length and ids[end] >= 0 and ids[end] == ids[end - 1]:
+            block_start = end
+            while block_start > start and ids[block_start - 1] == ids[end]:
+                block_start -= 1
+            if block_start > start:
+                end = block_start
+            else:
+                while end < length and ids[end] == ids[start]:
+                    end += 1
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def sample_last(logits: mx.array, sampler: Callable) -> tuple:
+    """(token (1,), log-probabilities (1, vocab)) at the last position of `logits` (1, length, vocab)."""
+    logprobs = logits[:, -1, :] - mx.logsumexp(logits[:, -1, :], axis=-1, keepdims=True)
+    return sampler(logprobs), logprobs
+
+
+def prefill(
+    prompt: mx.array,
+    model,
+    cache: list,
+    sampler: Callable,
+    prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
+    input_embeddings: Optional[mx.array] = None,
+    block_ids: Optional[mx.array] = None,
+) -> tuple:
+    """Runs `prompt` (1-D token ids) through `model` into `cache`, chunk by chunk, and queues the first token: returns
+    (token (1,), log-probabilities (vocab,)), not yet evaluated. `input_embeddings` (1, length, hidden) replaces the
+    token embeddings (multimodal prompts); `block_ids` (1, length) marks vision blocks for their attention mask."""
+
+    def forward(start: int, end: int):
+        chunk_blocks = None if block_ids is None else block_ids[:, start:end]
+        if input_embeddings is not None:
+            return model(cache=cache, input_embeddings=input_embeddings[:, start:end], logits_to_keep=1,
+                         block_ids=chunk_blocks)
+        return model(prompt[None, start:end], cache=cache, logits_to_keep=1, block_ids=chunk_blocks)
+
+    with mx.stream(generation_stream):
+        chunks = prefill_chunks(prompt.size, prefill_step_size, block_ids)
+        for start, end in chunks[:-1]:
+            forward(start, end)
+            mx.eval([c.state for c in cache])
+            mx.clear_cache()
+        token, logprobs = sample_last(forward(*chunks[-1]), sampler)
+        logprobs = logprobs.squeeze(0)
+    mx.async_eval(token, logprobs)
+    return token, logprobs
+
+
+def generate_step(
+    prompt: mx.array,
+    model,
+    *,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    sampler: Optional[Callable] = None,
+    prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
+    prompt_cache: Optional[list] = None,
+    input_embeddings: Optional[mx.array] = None,
+    block_ids: Optional[mx.array] = None,
+) -> Iterator[tuple]:
+    """Yields (token, logprobs) for `prompt` (1-D token ids); the arguments as prefill's."""
+    cache = model.make_cache() if prompt_cache is None else prompt_cache
+    sampler = sampler or make_sampler(0.0)
+    token, logprobs = prefill(prompt, model, cache, sampler, prefill_step_size, input_embeddings, block_ids)
+    step = decode_step(model, cache)
+    for produced in range(1, max_tokens + 1):
+        # Queued for every token, the last one too, so that the caches hold each token handed out.
+        with mx.stream(generation_stream):
+            next_token, next_logprobs = sample_last(step(token[:, None]), sampler)
+            next_logprobs = next_logprobs.squeeze(0)
+        mx.async_eval(next_token, next_logprobs)
+        yield token.item(), logprobs
+        if produced % CLEAR_CACHE_EVERY == 0:
+            mx.clear_cache()
+        token, logprobs = next_token, next_logprobs
