@@ -75,18 +75,25 @@ def config_dict(shape: str, bits: int) -> dict:
     return config
 
 
+def divides_into_groups(width: int) -> bool:
+    """The converter's rule (and mlx-lm's): only layers whose input width is a multiple of the group size are
+    quantized; the others stay in the unquantized dtype, and loaders tell them apart by their missing scales."""
+    return width % GROUP_SIZE == 0
+
+
 def random_embedding(vocab: int, hidden: int, bits: int) -> nn.Module:
     dtype = DTYPES.get(bits, mx.bfloat16)
+    quantized = bits < 16 and divides_into_groups(hidden)
     pieces = []
     for start in range(0, vocab, EMBEDDING_SLICE_ROWS):
         # Cast before quantizing: scales and biases take the input's dtype, and float32 ones would make the
         # embedding hand float32 activations to the whole decoder (a real bf16 checkpoint converts to bf16 scales).
         rows = mx.random.normal((min(EMBEDDING_SLICE_ROWS, vocab - start), hidden), scale=hidden**-0.5).astype(dtype)
-        piece = mx.quantize(rows, GROUP_SIZE, bits) if bits < 16 else (rows,)
+        piece = mx.quantize(rows, GROUP_SIZE, bits) if quantized else (rows,)
         mx.eval(piece)
         pieces.append(piece)
     parts = [mx.concatenate(column) for column in zip(*pieces)]
-    if bits >= 16:
+    if not quantized:
         embedding = nn.Embedding(1, hidden)
         embedding.weight = parts[0]
         return embedding
@@ -100,7 +107,9 @@ def finish_module(module: nn.Module, bits: int):
     """Cast (and at 4/8 bits quantize) one module's random weights, then make them, so its float32 originals go."""
     module.set_dtype(DTYPES.get(bits, mx.bfloat16))
     if bits < 16:
-        nn.quantize(module, GROUP_SIZE, bits)
+        nn.quantize(module, GROUP_SIZE, bits,
+                    class_predicate=lambda _, layer: hasattr(layer, "to_quantized")
+                    and divides_into_groups(layer.weight.shape[-1]))
     mx.eval(module.parameters())
 
 

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
@@ -121,3 +122,30 @@ def test_quantized_random_model_is_built_quantized():
     float_dtypes = {value.dtype for _, value in tree_flatten(model.language_model.parameters())} - {mx.uint32}
     assert float_dtypes == {mx.bfloat16}
     assert model(mx.array([[5, 6, 7]])).dtype == mx.bfloat16
+
+
+def test_default_four_bit_random_pair_runs_with_layers_narrower_than_a_group_left_unquantized(tmp_path):
+    from random_model import GROUP_SIZE, build_random_assistant
+
+    model, config = build_random_model("tiny", 4)
+    drafter = build_random_assistant(config, 4)
+    assert drafter.model.embed_tokens.weight.shape[-1] % GROUP_SIZE  # the tiny assistant is 32 wide
+    assert drafter.model.embed_tokens.weight.dtype == mx.bfloat16
+    path = tmp_path / "results.json"
+    bench.main(["--random", "tiny", "--random-draft", "--prompt-tokens", "20", "--gen-tokens", "4", "--repeat", "1",
+                "--num-draft-tokens", "2", "--json", str(path)])
+    assert json.loads(path.read_text())["mtp"][0]["generated_tokens"] == 4
+
+
+def test_quality_study_scores_dequantized_weights_that_compute_the_quantized_model():
+    sys.path.insert(0, str(BENCH / "studies"))
+    from quant_quality import dequantized
+
+    quantized, _ = build_random_model("tiny", 4, seed=3)
+    plain, _ = build_random_model("tiny", 4, seed=3)
+    for model in (quantized, plain):  # float32 scales, as the study's float32 checkpoint gives
+        model.set_dtype(mx.float32)
+    dequantized(plain)
+    assert not any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in plain.named_modules())
+    ids = mx.arange(3, 40)[None]
+    assert mx.abs(plain(ids) - quantized(ids)).max().item() < 1e-4

@@ -16,8 +16,11 @@ from convert_fixtures import save_assistant_checkpoint, save_quantizable_checkpo
 from reference_models import reference_logits
 
 from convert import qat
+from convert.checkpoint import read_checkpoint
+from convert.layout import make_layout
 from convert.convert import main
 from convert.pipeline import convert
+from convert.quantize import QuantizationSettings, plan_quantization
 from mlx_gemma4.drafter import load_drafter
 from mlx_gemma4.loading import load, load_model
 
@@ -123,6 +126,13 @@ def test_mixed_recipe_records_its_8_bit_layers_in_the_config(converted):
     model = load_model(converted["mixed"])
     assert model.language_model.model.layers[0].self_attn.v_proj.bits == 8
     assert model.language_model.model.layers[0].self_attn.q_proj.bits == 4
+
+
+def test_mlp_recipe_puts_exactly_the_mlp_projections_at_8_bits(source):
+    plan = plan_quantization(make_layout(read_checkpoint(source[0])), QuantizationSettings(recipe="mlp_8"))
+    eight_bit = {path for path, params in plan.items() if params["bits"] == 8}
+    assert eight_bit and eight_bit == {path for path in plan if ".mlp." in path}
+    assert {params["bits"] for path, params in plan.items() if path not in eight_bit} == {4}
 
 
 def test_converted_folder_loads_with_its_processor(converted):

@@ -1,12 +1,12 @@
 """Where decode time goes: one-token steps of mlx-lm, of our model called step by step, and of our compiled step
 (decode_step.py, what generate_step runs), on the same weights.
 
-    python bench/decode_profile.py --weights FOLDER   (a folder bench.py --weights-dir wrote)
+    python bench/studies/decode_profile.py --weights FOLDER   (a folder bench.py --weights-dir wrote)
 
 A 12B decode step at 4 bits reads ~7 GB; at H100 bandwidth that is ~2 ms, yet a step takes 10-20 ms: it is bound by
 the host handing ~1,000 kernels to the GPU and building the graph in Python, not by memory
-(results/h100-decode-profile.md). Each runtime is measured in turn, --rounds times round, so that a drifting host clock
-touches all of them alike.
+(bench/results/h100-decode-profile.md). Each runtime is measured in turn, --rounds times round, so that a drifting
+host clock touches all of them alike.
 """
 
 import argparse
