@@ -12,6 +12,7 @@ same --num-draft-tokens (bench/peer_mtp.py).
 
 import argparse
 import gc
+import os
 import shlex
 import sys
 import tempfile
@@ -22,9 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import mlx.core as mx  # noqa: E402
 
-from measure import environment, log, measure, random_prompt  # noqa: E402
+from measure import environment, log, measure, random_prompt, weight_bytes  # noqa: E402
 from mlx_gemma4.errors import Gemma4Error  # noqa: E402
-from mlx_gemma4.loading import read_json, resolve_model_path  # noqa: E402
+from mlx_gemma4.json_files import read_json  # noqa: E402
+from mlx_gemma4.loading import resolve_model_path  # noqa: E402
+from mlx_gemma4.quantized_matvec import SWITCH  # noqa: E402
 from peer_mtp import (  # noqa: E402
     NO_MLX_LM_MTP, assistant_source_config, mtp_rows, run_peer_mtp, save_peer_assistant)
 from peers import PEERS, load_peers, ours, peer_installed  # noqa: E402
@@ -37,6 +40,8 @@ def parse_args(argv=None):
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="model folder or Hub id")
     source.add_argument("--random", metavar="SHAPE", help="random weights of a named shape: tiny, small, medium, 12b")
+    source.add_argument("--kernel-table", action="store_true",
+                        help="CUDA only: the few-row quantized product against mx.quantized_matmul at the 12B shapes")
     parser.add_argument("--bits", type=int, default=4, help="--random precision: 4, 8, 16 (bfloat16), 32 (float32)")
     parser.add_argument("--prompt-tokens", default="512", help="comma list of prompt lengths")
     parser.add_argument("--prompt-file", help="text whose tokens make the prompts (needs --model); else random ids")
@@ -49,16 +54,28 @@ def parse_args(argv=None):
     parser.add_argument("--random-draft", action="store_true", help="a random assistant that fits the model")
     parser.add_argument("--num-draft-tokens", default="adaptive", help="comma list of K values and/or 'adaptive'")
     parser.add_argument("--cost-model", action="store_true", help="relative cost of target passes and draft steps")
+    parser.add_argument("--controlled-acceptance", default="", metavar="RATES",
+                        help="comma list, e.g. 0.5,0.7,0.9: MTP with a drafter that proposes the target's own greedy "
+                             "token at that rate (bench/controlled_drafter.py), at every --num-draft-tokens")
     parser.add_argument("--long-context", default="", help="comma list of prefill depths, e.g. 32768,131072")
     parser.add_argument("--long-context-gen-tokens", type=int, default=32)
+    parser.add_argument("--long-context-kv-bits", default="none",
+                        help="comma list of KV cache precisions for the long-context runs: none, 8, 4")
     parser.add_argument("--time-budget", type=float, default=0.0, help="seconds; later long-context runs skip")
     parser.add_argument("--bandwidth", type=float, help="memory bandwidth in GB/s (overrides the chip table)")
     parser.add_argument("--json", help="write all results here")
     parser.add_argument("--weights-dir", help="--random with --peers: write (and keep) the weights here")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--table-bits", default="4,8", help="--kernel-table: comma list of 4 and/or 8")
+    parser.add_argument("--no-matvec-kernel", action="store_true",
+                        help="our model on MLX's own quantized products only (the A/B switch MLX_GEMMA4_MATVEC=0)")
     parser.add_argument("--skip-ours", action="store_true",
                         help="run the peers only, e.g. to give their long-context runs a call of their own")
     return parser.parse_args(argv)
+
+
+# KV quantization groups in the long-context runs: mlx-lm's default.
+KV_GROUP_SIZE = 64
 
 
 def int_list(text: str) -> list:
@@ -66,6 +83,15 @@ def int_list(text: str) -> list:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise Gemma4Error(f"expected a comma list of integers, got {text!r}") from None
+
+
+def kv_bits_list(text: str) -> list:
+    """'none,8' -> [None, 8]."""
+    values = [part.strip() for part in text.split(",") if part.strip()]
+    try:
+        return [None if value == "none" else int(value) for value in values]
+    except ValueError:
+        raise Gemma4Error(f"expected a comma list of none, 8 or 4, got {text!r}") from None
 
 
 def peer_names(text: str) -> list:
@@ -110,22 +136,33 @@ class Bench:
             self.save()
 
     def long_context(self, runtime, vocab_size: int):
-        for depth in int_list(self.args.long_context):
-            entry = {"depth": depth, "runtime": runtime.name}
-            elapsed = time.perf_counter() - self.started
-            if self.args.time_budget and elapsed > self.args.time_budget:
-                entry["skipped"] = f"time budget ({elapsed:.0f} s spent)"
-            else:
-                log(f"{runtime.name}: long context {depth}")
-                prompt = random_prompt(depth, vocab_size, self.args.seed + depth)
-                try:
-                    figures = measure(runtime, prompt, self.args.long_context_gen_tokens, 1, warm_up=False)
-                    figures.pop("tokens")
-                    entry.update(figures)
-                except (RuntimeError, ValueError, MemoryError) as error:
-                    entry["skipped"] = f"failed: {str(error).splitlines()[0][:120]}"
-            self.results["long_context"].append(entry)
-            self.save()
+        """Each depth at each KV precision: speeds, peak memory, and the transient part of it (peak - weights -
+        KV cache), the memory table's figures."""
+        weights = weight_bytes(runtime.model)
+        for kv_bits in kv_bits_list(self.args.long_context_kv_bits):
+            for depth in int_list(self.args.long_context):
+                entry = {"depth": depth, "runtime": runtime.name, "kv_bits": kv_bits, "weights_bytes": weights}
+                elapsed = time.perf_counter() - self.started
+                if self.args.time_budget and elapsed > self.args.time_budget:
+                    entry["skipped"] = f"time budget ({elapsed:.0f} s spent)"
+                else:
+                    log(f"{runtime.name}: long context {depth}, KV {kv_bits or 'unquantized'}")
+                    prompt = random_prompt(depth, vocab_size, self.args.seed + depth)
+                    options = {} if kv_bits is None else dict(kv_bits=kv_bits, kv_group_size=KV_GROUP_SIZE,
+                                                               quantized_kv_start=0)
+                    try:
+                        figures = measure(runtime, prompt, self.args.long_context_gen_tokens, 1, warm_up=False,
+                                          **options)
+                        figures.pop("tokens")
+                        entry.update(figures)
+                        entry["transient_bytes"] = figures["peak_memory_bytes"] - weights - figures["kv_cache_bytes"]
+                    except (Gemma4Error, RuntimeError, ValueError, MemoryError, NotImplementedError,
+                            TypeError) as error:
+                        # A peer that cannot run this (mlx-lm cannot quantize Gemma 4's rotating caches) is a
+                        # finding for the table, not a crash.
+                        entry["skipped"] = f"failed: {str(error).splitlines()[0][:120]}"
+                self.results["long_context"].append(entry)
+                self.save()
 
 
 def load_target(args):
@@ -168,6 +205,8 @@ def run_ours(bench: Bench, args, model, drafter, prompts: dict):
         bench.results["multimodal"].append(bench.row(ours(model), label(prompt), figures))
     if drafter is not None:
         run_mtp(bench, args, model, drafter, prompts)
+    if drafter is not None and args.controlled_acceptance:
+        run_controlled_mtp(bench, args, model, drafter, prompts)
     if args.cost_model:
         from mtp import cost_model
 
@@ -196,6 +235,31 @@ def run_mtp(bench: Bench, args, model, drafter, prompts: dict):
 
     mtp_rows(bench, args, prompts, "ours", lambda k, statistics: speculative_runtime(model, drafter, k, statistics),
              lambda k: "adaptive K" if k is None else f"K={k}")
+
+
+def run_controlled_mtp(bench: Bench, args, model, drafter, prompts: dict):
+    from controlled_drafter import ControlledDrafter
+    from mtp import speculative_runtime
+    from peer_mtp import draft_lengths, mtp_row
+
+    from mlx_gemma4.speculative import DraftStatistics
+
+    plain = {row["config"]: row["decode_tps"] for row in bench.results["generation"] if row["runtime"] == "ours"}
+    vocab_size = model.config.text_config.vocab_size
+    for length, prompt in prompts.items():
+        config = f"prompt {length}"
+        for acceptance in [float(part) for part in args.controlled_acceptance.split(",") if part.strip()]:
+            for k in draft_lengths(args.num_draft_tokens):
+                statistics = DraftStatistics()
+                controlled = ControlledDrafter(drafter, bench.our_tokens[config], length, acceptance, vocab_size,
+                                               args.seed)
+                runtime = speculative_runtime(model, controlled, k, statistics)
+                log(f"{runtime.name}: prompt {length}, controlled acceptance {acceptance}")
+                figures = measure(runtime, prompt, args.gen_tokens, args.repeat)
+                draft = f"controlled acceptance {acceptance}, {'adaptive K' if k is None else f'K={k}'}"
+                row = mtp_row(bench, runtime, config, figures, statistics, k, draft, plain.get(config))
+                bench.results["mtp"].append({**row, "controlled_acceptance": acceptance})
+                bench.save()
 
 
 def run_peers(bench: Bench, args, folder: Path, prompts: dict, vocab_size: int, assistant_folder=None):
@@ -227,7 +291,11 @@ def run_peers(bench: Bench, args, folder: Path, prompts: dict, vocab_size: int, 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.no_matvec_kernel:
+        os.environ[SWITCH] = "0"
     machine = machine_bandwidth(args.bandwidth)
+    if args.kernel_table:
+        return run_kernel_table(args, machine)
     model, folder, config_dict = load_target(args)
     from random_model import weight_bytes_per_token
 
@@ -255,6 +323,18 @@ def main(argv=None):
             run_peers(bench, args, folder, prompts, vocab_size, assistant_folder)
     bench.save()
     print(markdown(results))
+
+
+def run_kernel_table(args, machine: dict):
+    from matvec_table import kernel_table, markdown_table
+
+    results = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+               "machine": machine, "environment": environment(),
+               "kernel_table": kernel_table(int_list(args.table_bits), machine["bandwidth_gbps"], log)}
+    bench_save = Path(args.json) if args.json else None
+    if bench_save:
+        write_json(results, bench_save)
+    print(markdown_table(results["kernel_table"], machine["bandwidth_gbps"]))
 
 
 def save_for_peers(args, model, drafter, config_dict, folder, scratch: Path):

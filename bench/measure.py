@@ -30,18 +30,19 @@ def process_rss_bytes() -> int:
 
 
 def cache_bytes(cache: list) -> int:
-    """Bytes of the live keys and values (what the cache state holds), the same measure for every runtime."""
-    return sum(array.nbytes for layer in cache for _, array in tree_flatten(layer.state) if isinstance(array, mx.array))
+    """Bytes of the buffers that hold the keys and values (rows reserved ahead included), the same measure for every
+    runtime (ours and mlx-lm's caches all report `nbytes`)."""
+    return sum(layer.nbytes for layer in cache)
 
 
-def one_run(runtime, prompt: list, gen_tokens: int) -> dict:
+def one_run(runtime, prompt: list, gen_tokens: int, options: dict) -> dict:
     # No mx.clear_cache() between runs: each run finds the allocator warm, as a second request to a server would.
     gc.collect()
     mx.reset_peak_memory()
     cache = runtime.make_cache()
     start = time.perf_counter()
     tokens, first = [], None
-    for step in runtime.steps(prompt, gen_tokens, cache):
+    for step in runtime.steps(prompt, gen_tokens, cache, **options):
         tokens.append(int(step[0]))
         if len(tokens) == 1:
             first = time.perf_counter()
@@ -73,10 +74,16 @@ def summarise(runs: list) -> dict:
     return summary
 
 
-def measure(runtime, prompt: list, gen_tokens: int, repeat: int, warm_up: bool = True) -> dict:
+def measure(runtime, prompt: list, gen_tokens: int, repeat: int, warm_up: bool = True, **options) -> dict:
+    """`options` go to the runtime's generate_step (KV quantization)."""
     if warm_up:
-        one_run(runtime, prompt, gen_tokens)
-    return summarise([one_run(runtime, prompt, gen_tokens) for _ in range(repeat)])
+        one_run(runtime, prompt, gen_tokens, options)
+    return summarise([one_run(runtime, prompt, gen_tokens, options) for _ in range(repeat)])
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the model's parameters: what it holds resident whatever the context."""
+    return sum(value.nbytes for _, value in tree_flatten(model.parameters()))
 
 
 def random_prompt(length: int, vocab_size: int, seed: int) -> list:

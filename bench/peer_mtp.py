@@ -10,7 +10,8 @@ mlx-lm has no MTP path: its speculative_generate_step needs a standalone draft L
 from pathlib import Path
 
 from measure import log, measure
-from mlx_gemma4.loading import read_json, resolve_model_path
+from mlx_gemma4.json_files import read_json
+from mlx_gemma4.loading import resolve_model_path
 
 ASSISTANT_MODEL_TYPE = "gemma4_unified_assistant"
 NO_MLX_LM_MTP = ("mlx-lm: no MTP rows; it has no MTP path (its speculative_generate_step needs a standalone draft LM "

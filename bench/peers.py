@@ -24,17 +24,18 @@ PEER_PACKAGES = {"mlx-lm": "mlx_lm", "mlx-vlm": "mlx_vlm", "mlx-vlm-lm": "mlx_vl
 class Runtime:
     name: str
     model: object
-    # steps(prompt ids, max_tokens, cache) -> iterator whose items start with the token id
-    steps: Callable[[list, int, list], Iterator]
+    # steps(prompt ids, max_tokens, cache, **options) -> iterator whose items start with the token id; options are
+    # the generate_step keywords both we and mlx-lm take (kv_bits, kv_group_size, quantized_kv_start)
+    steps: Callable[..., Iterator]
     make_cache: Callable[[], list]
 
 
 def ours(model) -> Runtime:
     from mlx_gemma4.decoding import generate_step
 
-    def steps(prompt: list, max_tokens: int, cache: list):
+    def steps(prompt: list, max_tokens: int, cache: list, **options):
         return generate_step(mx.array(prompt), model, max_tokens=max_tokens, prompt_cache=cache,
-                             prefill_step_size=PREFILL_STEP_SIZE)
+                             prefill_step_size=PREFILL_STEP_SIZE, **options)
 
     return Runtime("ours", model, steps, model.make_cache)
 
@@ -65,9 +66,9 @@ def mlx_lm_runtime(folder: Path) -> Runtime:
 
     model, _ = load_model(folder)
 
-    def steps(prompt: list, max_tokens: int, cache: list):
+    def steps(prompt: list, max_tokens: int, cache: list, **options):
         return generate_step(mx.array(prompt), model, max_tokens=max_tokens, prompt_cache=cache,
-                             prefill_step_size=PREFILL_STEP_SIZE)
+                             prefill_step_size=PREFILL_STEP_SIZE, **options)
 
     return Runtime("mlx-lm", model, steps, lambda: make_prompt_cache(model))
 

@@ -15,6 +15,7 @@ from mlx.utils import tree_flatten
 
 from mlx_gemma4.config import FULL, SLIDING, ModelConfig
 from mlx_gemma4.decoder import checkpoint_weights, fuse_projections
+from mlx_gemma4.quantized_layers import use_few_row_products
 from mlx_gemma4.errors import Gemma4Error
 from mlx_gemma4.model import Model
 
@@ -74,18 +75,25 @@ def config_dict(shape: str, bits: int) -> dict:
     return config
 
 
+def divides_into_groups(width: int) -> bool:
+    """The converter's rule (and mlx-lm's): only layers whose input width is a multiple of the group size are
+    quantized; the others stay in the unquantized dtype, and loaders tell them apart by their missing scales."""
+    return width % GROUP_SIZE == 0
+
+
 def random_embedding(vocab: int, hidden: int, bits: int) -> nn.Module:
     dtype = DTYPES.get(bits, mx.bfloat16)
+    quantized = bits < 16 and divides_into_groups(hidden)
     pieces = []
     for start in range(0, vocab, EMBEDDING_SLICE_ROWS):
         # Cast before quantizing: scales and biases take the input's dtype, and float32 ones would make the
         # embedding hand float32 activations to the whole decoder (a real bf16 checkpoint converts to bf16 scales).
         rows = mx.random.normal((min(EMBEDDING_SLICE_ROWS, vocab - start), hidden), scale=hidden**-0.5).astype(dtype)
-        piece = mx.quantize(rows, GROUP_SIZE, bits) if bits < 16 else (rows,)
+        piece = mx.quantize(rows, GROUP_SIZE, bits) if quantized else (rows,)
         mx.eval(piece)
         pieces.append(piece)
     parts = [mx.concatenate(column) for column in zip(*pieces)]
-    if bits >= 16:
+    if not quantized:
         embedding = nn.Embedding(1, hidden)
         embedding.weight = parts[0]
         return embedding
@@ -99,7 +107,9 @@ def finish_module(module: nn.Module, bits: int):
     """Cast (and at 4/8 bits quantize) one module's random weights, then make them, so its float32 originals go."""
     module.set_dtype(DTYPES.get(bits, mx.bfloat16))
     if bits < 16:
-        nn.quantize(module, GROUP_SIZE, bits)
+        nn.quantize(module, GROUP_SIZE, bits,
+                    class_predicate=lambda _, layer: hasattr(layer, "to_quantized")
+                    and divides_into_groups(layer.weight.shape[-1]))
     mx.eval(module.parameters())
 
 
@@ -121,6 +131,7 @@ def build_random_model(shape: str, bits: int, seed: int = 0):
             getattr(model, name).set_dtype(DTYPES.get(bits, mx.bfloat16))
     mx.eval(model.parameters())
     fuse_projections(model)  # as load_model does: the benchmark times the model users load
+    use_few_row_products(model)
     model.eval()
     return model, config
 
@@ -225,5 +236,6 @@ def build_random_assistant(target_config: dict, bits: int, seed: int = 1):
             finish_module(module, bits)
     mx.eval(drafter.parameters())
     fuse_projections(drafter)
+    use_few_row_products(drafter)
     drafter.eval()
     return drafter

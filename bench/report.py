@@ -68,16 +68,20 @@ def percent(value: Optional[float]) -> str:
 
 
 def long_context_table(rows: list) -> str:
-    lines = ["| depth | runtime | prefill s | prefill tok/s | decode tok/s at depth | peak MLX GB | KV cache MB |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| depth | runtime | KV | prefill s | prefill tok/s | decode tok/s at depth | peak MLX GB | KV cache MB "
+             "| transient GB |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
+        kv = f"{row['kv_bits']}-bit" if row.get("kv_bits") else "full"
         if "skipped" in row:
-            lines.append(f"| {row['depth']:,} | {row['runtime']} | skipped: {row['skipped']} | | | | |")
+            lines.append(f"| {row['depth']:,} | {row['runtime']} | {kv} | skipped: {row['skipped']} | | | | | |")
             continue
+        transient = row.get("transient_bytes")
         lines.append(
-            f"| {row['depth']:,} | {row['runtime']} | {number(row['time_to_first_token_s'], 1)} "
+            f"| {row['depth']:,} | {row['runtime']} | {kv} | {number(row['time_to_first_token_s'], 1)} "
             f"| {number(row['prefill_tps'], 0)} | {number(row['decode_tps'])} "
-            f"| {number(row['peak_memory_bytes'] / GB, 2)} | {number(row['kv_cache_bytes'] / 1e6, 0)} |"
+            f"| {number(row['peak_memory_bytes'] / GB, 2)} | {number(row['kv_cache_bytes'] / 1e6, 0)} "
+            f"| {number(None if transient is None else transient / GB, 2)} |"
         )
     return "\n".join(lines)
 

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlx_gemma4.errors import Gemma4Error
-from mlx_gemma4.loading import read_json, weight_files
+from mlx_gemma4.json_files import read_json
+from mlx_gemma4.loading import weight_files
 
 UNIFIED_MODEL_TYPES = ("gemma4_unified", "gemma4_unified_text")
 ASSISTANT_MODEL_TYPE = "gemma4_unified_assistant"
@@ -40,10 +41,6 @@ class Checkpoint:
     def is_assistant(self) -> bool:
         return self.model_type == ASSISTANT_MODEL_TYPE
 
-    @property
-    def largest_shard_bytes(self) -> int:
-        return max(file.stat().st_size for file in self.files)
-
 
 def read_checkpoint(path: Path) -> Checkpoint:
     config = read_json(path / "config.json")
@@ -52,6 +49,11 @@ def read_checkpoint(path: Path) -> Checkpoint:
         raise Gemma4Error(
             f"{path}: model_type {model_type!r} is not Gemma 4 unified "
             f"(expected one of {UNIFIED_MODEL_TYPES + (ASSISTANT_MODEL_TYPE,)})"
+        )
+    if "quantization" in config or "quantization_config" in config:
+        raise Gemma4Error(
+            f"{path} is already quantized: convert from the unquantized checkpoint it was made from "
+            "(to upload this folder as it is, pass it as --mlx-path without --hf-path)"
         )
     checkpoint = Checkpoint(path, config, weight_files(path))
     for file in checkpoint.files:

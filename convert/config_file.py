@@ -57,8 +57,6 @@ def write_config(folder: Path, config: dict, quantization: Optional[dict], dtype
         config.setdefault("vocab_size", config["text_config"].get("vocab_size"))
     elif config.get("model_type") == "gemma4_unified_text":
         add_peer_config_keys(config)
-    config.pop("quantization", None)
-    config.pop("quantization_config", None)
     if quantization is not None:
         # mlx-lm reads "quantization", mlx-vlm and Hugging Face tooling "quantization_config"; both say the same.
         config["quantization"] = quantization

@@ -21,6 +21,11 @@ from convert.upload import describe_upload, upload_folder  # noqa: E402
 from mlx_gemma4.errors import Gemma4Error  # noqa: E402
 from mlx_gemma4.loading import DTYPES  # noqa: E402
 
+EXAMPLES = """examples:
+  convert and quantize:        python convert/convert.py --hf-path google/gemma-4-12B-it --mlx-path gemma-4-12B-it-4bit -q
+  upload a converted folder:   python convert/convert.py --mlx-path gemma-4-12B-it-4bit --upload-repo you/gemma-4-12B-it-4bit
+  list what would be uploaded: add --dry-run to the upload"""
+
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse prints a usage block on bad flags; a user needs only the reason."""
@@ -30,9 +35,13 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="python convert/convert.py", description="Convert Gemma 4 unified to MLX.")
-    parser.add_argument("--hf-path", "--model", help="local folder or Hub repo id to convert")
-    parser.add_argument("--mlx-path", default="mlx_model", help="output folder (default: mlx_model)")
+    parser = OneLineParser(prog="python convert/convert.py", description="Convert Gemma 4 unified to MLX.",
+                           epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hf-path", "--model",
+                        help="local folder or Hub repo id of the unquantized checkpoint to convert; leave it out to "
+                        "upload an already converted --mlx-path")
+    parser.add_argument("--mlx-path", default="mlx_model",
+                        help="output folder, or without --hf-path the converted folder to upload (default: mlx_model)")
     parser.add_argument("-q", "--quantize", action="store_true", help="quantize (default 4-bit, group size 64)")
     parser.add_argument("--q-bits", type=int, choices=BITS_CHOICES, help="bits per quantized weight")
     parser.add_argument("--q-group-size", type=int, choices=GROUP_SIZE_CHOICES, help="weights per scale and bias")
@@ -40,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the checkpoint's)")
     parser.add_argument("--quant-predicate", choices=sorted(RECIPES), help="mixed-precision recipe")
     parser.add_argument("--qat", action="store_true", help="q4_0 QAT weights: map them exactly onto 4-bit, group 32")
-    parser.add_argument("--upload-repo", help="Hub repo (ORG/NAME) to upload the result to")
+    parser.add_argument("--upload-repo", help="Hub repo (ORG/NAME) to upload --mlx-path to: the result of this "
+                        "conversion or, without --hf-path, the folder as it is")
     parser.add_argument("--dry-run", action="store_true", help="list what would be uploaded instead of uploading")
     parser.add_argument("--force", action="store_true", help="replace --mlx-path if it exists")
     return parser

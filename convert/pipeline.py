@@ -5,6 +5,7 @@ byte is written; the output is staged beside the destination and renamed into pl
 """
 
 import shutil
+import sys
 from math import prod
 from pathlib import Path
 from typing import Optional
@@ -17,10 +18,10 @@ from mlx_gemma4.loading import DTYPES, resolve_model_path
 from .checkpoint import Checkpoint, read_checkpoint
 from .config_file import source_dtype_name, write_config
 from .layout import Layout, make_layout
-from .model_card import CardFacts, write_model_card
+from .model_card import CardFacts, source_licence, write_model_card
 from .quantize import QuantizationSettings, config_block, convert_tensor, plan_quantization
 from .shards import shard_name, write_index, write_shard
-from .staging import check_destination, staged_folder
+from .staging import check_destination, remove_stale_staging, staged_folder
 
 # Everything beside the weights that loaders read: tokenizer, chat template, generation and processor settings.
 # Never code (*.py) and never the source's README (the card is rewritten).
@@ -94,6 +95,8 @@ def convert(
     dtype_name = dtype or source_dtype_name(checkpoint.config)
     target_dtype = DTYPES[dtype_name] if dtype_name else None
 
+    for note in remove_stale_staging(destination):
+        print(note, file=sys.stderr)
     with staged_folder(destination, force) as staging:
         total_size, parameters = write_weights(staging, checkpoint, layout, plan, target_dtype, settings, progress)
         quantization = config_block(settings, plan) if settings else None
@@ -106,6 +109,7 @@ def convert(
             bits_per_weight=8 * total_size / parameters if settings else None,
             is_assistant=checkpoint.is_assistant,
             run_name=run_name or str(destination),
+            licence=source_licence(source),
         ))
     return destination
 

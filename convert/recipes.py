@@ -3,11 +3,10 @@
 A recipe's `build(full_attention_layers, num_layers, group_size)` returns `choose(path)`: True for the default
 bits, a {"group_size", "bits"} dict for other settings, False to leave the layer unquantized.
 
-The choice comes from bench/quant_quality.py (KL divergence against the unquantized model, per tensor kind kept at
-8 bits, everything else at 4). Per extra bit per weight, the tied embedding helped most (KL -22%), then attention
-values (v_proj, and k_proj of full layers where K = V: -10%); q_proj, o_proj, the MLP and whole layers helped
-less per byte. Together (mixed_4_8): text KL 0.209 -> 0.149, image-token KL 0.249 -> 0.188, for 4.96 instead of
-4.51 bits per weight on the 12B (7.41 GB instead of 6.74 GB).
+mixed_4_8 keeps the tied embedding (it is also the output head) and the tensors that make attention values at 8
+bits; mlp_8 keeps the MLP at 8 bits, the layout of some widely shared community "4-bit" conversions. What each costs
+in quality and weighs on the 12B is measured by bench/studies/quant_quality.py on a trained small target
+(bench/results/quant-quality-small-pair.json) and tabled in README.md.
 """
 
 import re
@@ -44,9 +43,17 @@ def attention_values_and_embeddings(full_attention_layers: set, num_layers: int,
     return choose
 
 
+def mlp_at_high_bits(full_attention_layers: set, num_layers: int, group_size: int) -> Callable:
+    """Every MLP projection (gate, up, down: two thirds of the decoder's weights) at 8 bits, the rest at the
+    default bits: the layout of some widely shared community "4-bit" conversions."""
+    high = {"group_size": group_size, "bits": HIGH_BITS}
+    return lambda path: high if ".mlp." in path else True
+
+
 RECIPES = {
     "mixed_4_8": Recipe(
         "embeddings / output head and attention values at 8 bits, the rest at 4",
         attention_values_and_embeddings,
     ),
+    "mlp_8": Recipe("the MLP at 8 bits, the rest at 4", mlp_at_high_bits),
 }

@@ -36,24 +36,38 @@ class PositionMask:
         return self._by_key_length[key_length]
 
     def _build(self, key_length: int) -> mx.array:
+        return self._visible(key_length, 0, key_length)
+
+    def columns(self, key_length: int, start: int, stop: int) -> Optional[mx.array]:
+        """Columns start:stop of the mask for `key_length` keys (blockwise attention), or None when every query
+        sees every one of those keys."""
+        first_key = self.offset + self.query_length - key_length
+        if self.window is None and self.block_ids is None and first_key + stop - 1 <= self.offset:
+            return None
+        return self._visible(key_length, start, stop)
+
+    def _visible(self, key_length: int, start: int, stop: int) -> mx.array:
         end = self.offset + self.query_length
         query_positions = mx.arange(self.offset, end)[:, None]
-        key_positions = mx.arange(end - key_length, end)[None]
+        key_positions = mx.arange(end - key_length + start, end - key_length + stop)[None]
         visible = key_positions <= query_positions
         if self.window is not None:
             visible = visible & (key_positions > query_positions - self.window)
         if self.block_ids is not None:
-            visible = visible | same_block(self.block_ids, key_length)
+            visible = visible | same_block(self.block_ids, key_length, start, stop)
         return visible
 
 
-def same_block(block_ids: mx.array, key_length: int) -> mx.array:
-    """True where query and key belong to one vision block. `block_ids` covers the new tokens only: a prompt is never
-    split inside a block, so older keys are never in a query's block. `block_ids` is (length,) or (batch, length);
-    the result broadcasts against (batch, heads, queries, keys)."""
+def same_block(block_ids: mx.array, key_length: int, start: int = 0, stop: Optional[int] = None) -> mx.array:
+    """True where query and key belong to one vision block, for keys start:stop of `key_length`. `block_ids` covers
+    the new tokens only: a prompt is never split inside a block, so older keys are never in a query's block.
+    `block_ids` is (length,) or (batch, length); the result broadcasts against (batch, heads, queries, keys)."""
+    stop = key_length if stop is None else stop
     query_length = block_ids.shape[-1]
-    older = mx.full((*block_ids.shape[:-1], key_length - query_length), -1, dtype=block_ids.dtype)
-    key_blocks = mx.concatenate([older, block_ids], axis=-1)
+    older = key_length - query_length
+    own = block_ids[..., max(start - older, 0) : max(stop - older, 0)]
+    filler = mx.full((*block_ids.shape[:-1], stop - start - own.shape[-1]), -1, dtype=block_ids.dtype)
+    key_blocks = mx.concatenate([filler, own], axis=-1)
     queries = block_ids[..., :, None]
     same = (queries == key_blocks[..., None, :]) & (queries >= 0)
     return same if block_ids.ndim == 1 else same[:, None]
@@ -66,7 +80,3 @@ def vision_block_ids(mm_token_type_ids: mx.array) -> mx.array:
     starts = is_vision & ~previous
     group = mx.cumsum(starts.astype(mx.int32), axis=-1) - 1
     return mx.where(is_vision, group, -1)
-
-
-def resolve(mask, key_length: int):
-    return mask(key_length) if callable(mask) else mask

@@ -66,10 +66,6 @@ def audio_frames(samples: np.ndarray) -> np.ndarray:
     return np.pad(samples, (0, padding)).reshape(-1, SAMPLES_PER_TOKEN).astype(np.float32)
 
 
-def num_audio_tokens(samples: np.ndarray) -> int:
-    return math.ceil(len(samples) / SAMPLES_PER_TOKEN)
-
-
 def process_audio(sources: list) -> dict:
     """The feature extractor's output for a list of clips: frames padded to the longest clip, and the mask of real
     frames (padding frames are dropped before they reach the model)."""

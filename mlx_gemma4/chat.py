@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .decoding import DEFAULT_MAX_TOKENS, DEFAULT_PREFILL_STEP_SIZE
 from .errors import Gemma4Error
-from .generate import OneLineParser, check_arguments
+from .cli import OneLineParser, check_arguments
 
 RESET, EXIT = "/reset", "/exit"
 
@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help='JSON options for the chat template, e.g. \'{"enable_thinking": true}\'')
     parser.add_argument("--prefill-step-size", type=int, default=DEFAULT_PREFILL_STEP_SIZE,
                         help="prompt tokens processed per step")
+    # What cli.check_arguments also reads, for flags a chat does not have.
+    parser.set_defaults(video=None, prompt_cache_file=None)
     return parser
 
 

@@ -14,22 +14,29 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .config import FULL, SLIDING
-from .kv_cache import FullCache, WindowCache
+from .kv_cache import FullCache, WindowCache, is_quantized, quantize_like, row_count
 
 # Rows a full layer's buffer grows by: each growth costs one trace; the masked rows cost a step a little reading.
 CAPACITY_STEP = 1024
 
 
 class SlotCache:
-    """Stands in for a layer's cache inside the traced step: writes the new keys and values at `slot`."""
+    """Stands in for a layer's cache inside the traced step: writes the new keys and values at `slot`, quantized
+    when the buffers are."""
 
-    def __init__(self, keys: mx.array, values: mx.array, slot: mx.array, position: mx.array):
+    def __init__(self, keys, values, slot: mx.array, position: mx.array):
         self.keys, self.values, self.slot, self.offset = keys, values, slot, position
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
-        self.keys = mx.slice_update(self.keys, keys, self.slot, axes=(2,))
-        self.values = mx.slice_update(self.values, values, self.slot, axes=(2,))
+        self.keys = self._written(self.keys, keys)
+        self.values = self._written(self.values, values)
         return self.keys, self.values
+
+    def _written(self, buffer, rows: mx.array):
+        rows = quantize_like(buffer, rows)
+        if is_quantized(buffer):
+            return tuple(mx.slice_update(part, new, self.slot, axes=(2,)) for part, new in zip(buffer, rows))
+        return mx.slice_update(buffer, rows, self.slot, axes=(2,))
 
 
 def supports(cache: list) -> bool:
@@ -54,7 +61,7 @@ def traced_step(model, sliding_masked: bool):
     def step(token, position, ring_slot, buffers):
         caches = [SlotCache(keys, values, ring_slot if is_sliding else position, position)
                   for (keys, values), is_sliding in zip(buffers, sliding)]
-        rows = {is_sliding: keys.shape[2] for (keys, _), is_sliding in zip(buffers, sliding)}
+        rows = {is_sliding: row_count(keys) for (keys, _), is_sliding in zip(buffers, sliding)}
         masks = {FULL: mx.arange(rows[False]) <= position if False in rows else None,
                  SLIDING: sliding_mask(position, rows[True], window) if sliding_masked and True in rows else None}
         hidden = text(model.embed_inputs(token), cache=caches, masks=masks)
@@ -104,10 +111,13 @@ def decode_step(model, cache: list, return_hidden: bool = False):
     def run(sliding_masked: bool, token: mx.array, position: int):
         if sliding_masked not in compiled.functions:
             compiled.functions[sliding_masked] = traced_step(model, sliding_masked)
-        compiled.traced.add((sliding_masked, slots, full_caches[0].capacity() if full_caches else 0))
+        compiled.traced.add(trace_key(sliding_masked))
         return compiled.functions[sliding_masked](
             token, mx.array([position]), mx.array([position % slots]), [(c.keys, c.values) for c in cache]
         )
+
+    def trace_key(sliding_masked: bool) -> tuple:
+        return sliding_masked, slots, full_caches[0].capacity() if full_caches else 0, cache[0].quantized
 
     def make_room(position: int):
         for full_cache in full_caches:
@@ -116,15 +126,16 @@ def decode_step(model, cache: list, return_hidden: bool = False):
 
     def trace_ahead(position: int):
         make_room(position)
-        capacity = full_caches[0].capacity() if full_caches else 0
         for sliding_masked in {masked(position), masked(max(position, window - 1))}:
-            if (sliding_masked, slots, capacity) not in compiled.traced:
+            if trace_key(sliding_masked) not in compiled.traced:
                 run(sliding_masked, mx.zeros((1, 1), dtype=mx.int32), position)  # traced, never evaluated
 
     def step(token: mx.array):
         position = cache[0].offset
         if position == 0:  # the buffers are made by the first write
             return model(token, cache=cache, return_hidden=return_hidden)
+        for layer_cache in cache:
+            layer_cache.quantize_if_due()
         make_room(position)
         logits, hidden, buffers = run(masked(position), token, position)
         # The old buffers are now referenced only by the step's graph, which can then write into them in place.

@@ -8,10 +8,11 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .attention_mask import PositionMask, resolve
+from .attention import scaled_dot_product_attention
+from .attention_mask import PositionMask
 from .config import FULL, SLIDING, TextConfig
 from .errors import Gemma4Error
-from .kv_cache import FullCache, WindowCache
+from .kv_cache import FullCache, KVQuantization, WindowCache
 
 
 
@@ -59,6 +60,8 @@ class RotaryEmbedding(nn.Module):
 
 
 class Attention(nn.Module):
+    FUSED = "qkv"  # the stacked projection that may replace q_proj, k_proj and v_proj (fuse_qkv)
+
     def __init__(self, config: TextConfig, layer_index: int):
         super().__init__()
         self.kind = config.layer_types[layer_index]
@@ -83,16 +86,50 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
         self.rope = RotaryEmbedding(self.head_dim, config.rope_parameters[self.kind])
 
+    def projection_names(self) -> list:
+        if self.reuses_kv:
+            return ["q_proj"]
+        return ["q_proj", "k_proj"] if self.keys_are_values else ["q_proj", "k_proj", "v_proj"]
+
+    def project(self, x) -> dict:
+        """{"q_proj": queries, "k_proj": keys, "v_proj": values} (those the layer makes), before any norm."""
+        names = self.projection_names()
+        if "qkv" not in self:
+            return {name: self[name](x) for name in names}
+        splits = [self.query_rows, self.query_rows + self.key_rows][: len(names) - 1]
+        return dict(zip(names, mx.split(self.qkv(x), splits, axis=-1)))
+
+    def fuse_qkv(self):
+        """One matmul for the query, key and value projections, as MLP.fuse_gate_and_up does for gate and up: a
+        decoding step launches one kernel instead of three and reads the input once."""
+        names = self.projection_names()
+        stacked = stack_rows(*[self[name] for name in names]) if len(names) > 1 and "q_proj" in self else None
+        if stacked is not None:
+            self.query_rows, self.key_rows = self.q_proj.weight.shape[0], self.k_proj.weight.shape[0]
+            self.qkv = stacked
+            for name in names:
+                self.pop(name)
+
+    def unfused_weights(self) -> dict:
+        """{"q_proj.weight": ..., "k_proj.scales": ...}: the fused projection split back."""
+        if "qkv" not in self:
+            return {}
+        names = self.projection_names()
+        splits = [self.query_rows, self.query_rows + self.key_rows][: len(names) - 1]
+        return split_rows(self.qkv, splits, names)
+
     def __call__(self, x, mask, cache, offset: int, shared_kv: dict):
         batch, length, _ = x.shape
-        queries = self.q_norm(self.q_proj(x).reshape(batch, length, -1, self.head_dim))
+        projected = self.project(x)
+        queries = self.q_norm(projected["q_proj"].reshape(batch, length, -1, self.head_dim))
         queries = self.rope(queries.transpose(0, 2, 1, 3), offset)
 
         if self.reuses_kv:
             keys, values = shared_kv[self.kind]
         else:
-            raw_keys = self.k_proj(x).reshape(batch, length, -1, self.head_dim)
-            raw_values = raw_keys if self.keys_are_values else self.v_proj(x).reshape(batch, length, -1, self.head_dim)
+            raw_keys = projected["k_proj"].reshape(batch, length, -1, self.head_dim)
+            raw_values = raw_keys if self.keys_are_values else projected["v_proj"].reshape(
+                batch, length, -1, self.head_dim)
             keys = self.rope(self.k_norm(raw_keys).transpose(0, 2, 1, 3), offset)
             values = rms_norm_without_scale(raw_values, self.eps).transpose(0, 2, 1, 3)
             if cache is not None:
@@ -101,13 +138,13 @@ class Attention(nn.Module):
                 shared_kv[self.kind] = (keys, values)
 
         # Scale 1: q_norm already normalises the queries, as in the reference (`self.scaling = 1.0`).
-        output = mx.fast.scaled_dot_product_attention(
-            queries, keys, values, scale=1.0, mask=resolve(mask, keys.shape[2])
-        )
+        output = scaled_dot_product_attention(queries, keys, values, mask)
         return self.o_proj(output.transpose(0, 2, 1, 3).reshape(batch, length, -1))
 
 
 class MLP(nn.Module):
+    FUSED = "gate_up"  # the stacked projection that may replace gate_proj and up_proj (fuse_gate_and_up)
+
     def __init__(self, config: TextConfig, layer_index: int):
         super().__init__()
         width = config.intermediate_size
@@ -141,27 +178,31 @@ class MLP(nn.Module):
         """{"gate_proj.weight": ..., "up_proj.scales": ...}: the fused projection split back into the two."""
         if "gate_up" not in self:
             return {}
-        return {f"{name}.{key}": halves[index] for key, value in self.gate_up.parameters().items()
-                for halves in [mx.split(value, [self.gate_rows])]
-                for index, name in enumerate(("gate_proj", "up_proj"))}
+        return split_rows(self.gate_up, [self.gate_rows], ["gate_proj", "up_proj"])
 
 
 def fuse_projections(module: nn.Module):
-    """Fuse every MLP's gate and up projections in `module` (a loaded model or drafter), one layer at a time so
-    that each layer's separate weights are freed before the next is stacked."""
+    """Fuse every MLP's gate and up projections and every attention's query, key and value projections in
+    `module` (a loaded model or drafter), one at a time so that the separate weights are freed as they are stacked."""
     for _, child in module.named_modules():
         if isinstance(child, MLP):
             child.fuse_gate_and_up()
-            mx.eval(child.parameters())
+        elif isinstance(child, Attention):
+            child.fuse_qkv()
+        else:
+            continue
+        mx.eval(child.parameters())
 
 
 def checkpoint_weights(module: nn.Module) -> dict:
     """{name: array} under the checkpoint's names (fused projections split back), for writing weights out."""
-    fused = {path: child for path, child in module.named_modules() if isinstance(child, MLP) and "gate_up" in child}
+    fused = {f"{path}.{child.FUSED}.": child for path, child in module.named_modules()
+             if isinstance(child, (MLP, Attention)) and child.FUSED in child}
     weights = {name: value for name, value in tree_flatten(module.parameters())
-               if name.rpartition(".gate_up.")[0] not in fused}
-    for path, mlp in fused.items():
-        weights.update({f"{path}.{name}": value for name, value in mlp.unfused_weights().items()})
+               if not any(name.startswith(prefix) for prefix in fused)}
+    for prefix, child in fused.items():
+        path = prefix.rsplit(".", 2)[0]
+        weights.update({f"{path}.{name}": value for name, value in child.unfused_weights().items()})
     return weights
 
 
@@ -185,14 +226,16 @@ def gated_activation(name: str):
     return GATED_ACTIVATIONS[name]
 
 
-def stack_rows(first: nn.Module, second: nn.Module) -> Optional[nn.Module]:
-    """A linear layer whose output rows are `first`'s then `second`'s, or None when they cannot share one: different
+def stack_rows(*layers: nn.Module) -> Optional[nn.Module]:
+    """A linear layer whose output rows are each of `layers`' in turn, or None when they cannot share one: different
     quantization (a mixed recipe), or a bias. Affine quantization groups run along the input, so stacking rows keeps
     every group intact."""
-    if type(first) is not type(second) or "bias" in first or "bias" in second:
+    first = layers[0]
+    if any(type(layer) is not type(first) or "bias" in layer for layer in layers):
         return None
     if isinstance(first, nn.QuantizedLinear):
-        if (first.bits, first.group_size, first.mode) != (second.bits, second.group_size, second.mode):
+        if any((layer.bits, layer.group_size, layer.mode) != (first.bits, first.group_size, first.mode)
+               for layer in layers):
             return None
         stacked = nn.QuantizedLinear(first.group_size, 1, bias=False, group_size=first.group_size,
                                      bits=first.bits, mode=first.mode)
@@ -200,8 +243,14 @@ def stack_rows(first: nn.Module, second: nn.Module) -> Optional[nn.Module]:
         stacked = nn.Linear(1, 1, bias=False)
     else:
         return None
-    stacked.update({key: mx.concatenate([first[key], second[key]]) for key in first.parameters()})
+    stacked.update({key: mx.concatenate([layer[key] for layer in layers]) for key in first.parameters()})
     return stacked
+
+
+def split_rows(stacked: nn.Module, splits: list, names: list) -> dict:
+    """{"<name>.<parameter>": rows}: a stacked layer's parameters cut back at `splits` into the named layers'."""
+    return {f"{name}.{key}": pieces[index] for key, value in stacked.parameters().items()
+            for pieces in [mx.split(value, splits)] for index, name in enumerate(names)}
 
 
 class DecoderLayer(nn.Module):
@@ -238,11 +287,13 @@ class TextModel(nn.Module):
         # The reference casts sqrt(hidden_size) to the weight dtype first: 61.97 becomes 62.0 in bfloat16.
         return embeddings * mx.array(self.config.hidden_size**0.5, dtype=embeddings.dtype)
 
-    def make_cache(self) -> list:
+    def make_cache(self, quantization: Optional[KVQuantization] = None) -> list:
         """One cache per layer that owns its keys and values: a window-sized ring for sliding layers (memory bounded
-        whatever the context), a growing buffer for full layers. Layers that reuse another's KV get none."""
+        whatever the context), a growing buffer for full layers, all quantized alike if `quantization` says so.
+        Layers that reuse another's KV get none."""
         return [
-            WindowCache(self.config.sliding_window) if self.config.layer_types[i] == SLIDING else FullCache()
+            WindowCache(self.config.sliding_window, quantization=quantization)
+            if self.config.layer_types[i] == SLIDING else FullCache(quantization)
             for i in self.cached_layers
         ]
 

@@ -11,11 +11,14 @@ import mlx.core as mx
 from mlx_lm.sample_utils import make_sampler
 
 from .decode_step import decode_step
+from .kv_cache import FullCache, kv_quantization
 
 DEFAULT_PREFILL_STEP_SIZE = 2048
 DEFAULT_MAX_TOKENS = 256
 # mlx keeps freed buffers for reuse; returning them now and then keeps a long generation's footprint flat.
 CLEAR_CACHE_EVERY = 256
+# Rows reserved beyond a long prompt in full layers' buffers, for the reply (more are added as it grows).
+REPLY_ROWS_RESERVED = 1024
 
 generation_stream = mx.new_stream(mx.default_device())
 
@@ -69,14 +72,32 @@ def prefill(
 
     with mx.stream(generation_stream):
         chunks = prefill_chunks(prompt.size, prefill_step_size, block_ids)
-        for start, end in chunks[:-1]:
+        for index, (start, end) in enumerate(chunks[:-1]):
             forward(start, end)
+            if index == 0:
+                # Room for the whole prompt at once: growing chunk by chunk would copy the buffers every time.
+                reserve_rows(cache, cache[0].offset + prompt.size - end + REPLY_ROWS_RESERVED)
             mx.eval([c.state for c in cache])
             mx.clear_cache()
         token, logprobs = sample_last(forward(*chunks[-1]), sampler)
         logprobs = logprobs.squeeze(0)
     mx.async_eval(token, logprobs)
     return token, logprobs
+
+
+def reserve_rows(cache: list, capacity: int):
+    for layer_cache in cache:
+        if isinstance(layer_cache, FullCache):
+            layer_cache.reserve(capacity)
+
+
+def quantize_caches(cache: list, kv_bits: Optional[int], kv_group_size: int, quantized_kv_start: int):
+    """mlx-lm's KV quantization options, applied to every cache (a prompt cache handed in too): with kv_bits, keys
+    and values are quantized once a cache holds quantized_kv_start positions."""
+    quantization = kv_quantization(kv_bits, kv_group_size, quantized_kv_start)
+    if quantization is not None:
+        for layer_cache in cache:
+            layer_cache.quantization = quantization
 
 
 def generate_step(
@@ -89,9 +110,14 @@ def generate_step(
     prompt_cache: Optional[list] = None,
     input_embeddings: Optional[mx.array] = None,
     block_ids: Optional[mx.array] = None,
+    kv_bits: Optional[int] = None,
+    kv_group_size: int = 64,
+    quantized_kv_start: int = 0,
 ) -> Iterator[tuple]:
-    """Yields (token, logprobs) for `prompt` (1-D token ids); the arguments as prefill's."""
+    """Yields (token, logprobs) for `prompt` (1-D token ids); the arguments as prefill's, and mlx-lm's KV
+    quantization options (quantize_caches)."""
     cache = model.make_cache() if prompt_cache is None else prompt_cache
+    quantize_caches(cache, kv_bits, kv_group_size, quantized_kv_start)
     sampler = sampler or make_sampler(0.0)
     token, logprobs = prefill(prompt, model, cache, sampler, prefill_step_size, input_embeddings, block_ids)
     step = decode_step(model, cache)

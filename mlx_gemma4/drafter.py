@@ -17,7 +17,9 @@ from .config import FULL, SLIDING, TextConfig
 from .decoder import TextModel
 from .draft_policy import DraftPolicy
 from .errors import Gemma4Error
-from .loading import check_dtype, load_weights, read_json, resolve_model_path
+from .json_files import read_json
+from .kv_cache import last_rows
+from .loading import check_dtype, load_weights, resolve_model_path
 from .model import DERIVED_TENSORS
 
 ASSISTANT_MODEL_TYPE = "gemma4_unified_assistant"
@@ -109,8 +111,7 @@ class Drafter(nn.Module):
         # The reference's bidirectional masks, seen from one query: full layers see every stored key; sliding layers
         # the keys within `sliding_window` of the newest (inclusive, so window + 1 of them).
         recent = self.config.text_config.sliding_window + 1
-        keys, values = target_kv[SLIDING]
-        visible = {FULL: target_kv[FULL], SLIDING: (keys[..., -recent:, :], values[..., -recent:, :])}
+        visible = {FULL: target_kv[FULL], SLIDING: tuple(last_rows(rows, recent) for rows in target_kv[SLIDING])}
         h = self.pre_projection(mx.concatenate([token_embedding, target_hidden], axis=-1))
         for layer in self.model.layers:
             h = layer(h, None, None, position, visible)

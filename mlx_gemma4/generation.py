@@ -11,6 +11,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from .decoding import DEFAULT_MAX_TOKENS, DEFAULT_PREFILL_STEP_SIZE, generate_step, generation_stream
 from .errors import Gemma4Error
+from .kv_cache import kv_quantization
 from .speculative import speculative_steps
 
 
@@ -60,15 +61,23 @@ def stream_generate(
     images: Optional[list] = None,
     audio: Optional[list] = None,
     video=None,
+    kv_bits: Optional[int] = None,
+    kv_group_size: int = 64,
+    quantized_kv_start: int = 0,
 ) -> Iterator[GenerationResponse]:
     """Streams the reply to `prompt` (text, already chat-formatted if wanted, or token ids) as GenerationResponses.
     `images`, `audio` (lists of paths, bytes, PIL images or arrays) and `video` (a path) fill the prompt's
     placeholders, one each, as Processor.__call__ expands them.
 
     With `draft_model` (a drafter.Drafter) decoding is speculative (speculative.py): `num_draft_tokens` fixes the draft
-    length (None adapts it), `draft_statistics` (a speculative.DraftStatistics) collects acceptance figures."""
+    length (None adapts it), `draft_statistics` (a speculative.DraftStatistics) collects acceptance figures.
+
+    `kv_bits` (4 or 8), `kv_group_size` and `quantized_kv_start` quantize the key/value caches as mlx-lm's options
+    do, sliding-window layers included."""
     if max_tokens < 1 or prefill_step_size < 1:
         raise Gemma4Error("max_tokens and prefill_step_size must be at least 1")
+    kv_quantization(kv_bits, kv_group_size, quantized_kv_start)  # bad values fail before anything runs
+    quantization = dict(kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start)
     media = {}
     if images or audio or video is not None:
         from .multimodal import media_prompt
@@ -87,12 +96,13 @@ def stream_generate(
         tokens = speculative_steps(
             mx.array(ids), model, draft_model, max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k,
             min_p=min_p, sampler=sampler, num_draft_tokens=num_draft_tokens, prefill_step_size=prefill_step_size,
-            prompt_cache=prompt_cache, statistics=draft_statistics, **media,
+            prompt_cache=prompt_cache, statistics=draft_statistics, **quantization, **media,
         )
     else:
         sampler = sampler or make_sampler(temp, top_p=top_p, min_p=min_p, top_k=top_k)
         tokens = generate_step(mx.array(ids), model, max_tokens=max_tokens, sampler=sampler,
-                               prefill_step_size=prefill_step_size, prompt_cache=prompt_cache, **media)
+                               prefill_step_size=prefill_step_size, prompt_cache=prompt_cache, **quantization,
+                               **media)
     with wired_limit(model, [generation_stream]):
         yield from stream_responses(tokens, processor, len(ids), max_tokens)
 

@@ -1,6 +1,5 @@
 """Load a model and its processor from a local folder or a Hugging Face Hub repo id (safetensors only)."""
 
-import json
 from pathlib import Path
 from typing import Optional, Union
 
@@ -10,11 +9,14 @@ import mlx.nn as nn
 from .config import ModelConfig
 from .decoder import fuse_projections
 from .errors import Gemma4Error
+from .json_files import read_json
 from .model import Model
+from .processor import Processor
+from .quantized_layers import use_few_row_products
 
 WEIGHTS_INDEX = "model.safetensors.index.json"
-# What a snapshot needs: never pickled weights.
-HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"]
+# What a snapshot needs: never pickled weights. The model card is read for its licence when converting.
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt", "README.md"]
 PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
@@ -36,16 +38,6 @@ def resolve_model_path(path_or_repo: Union[str, Path]) -> Path:
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise Gemma4Error(f"could not fetch {text} from the Hub (offline or unreachable?): {reason}") from None
-
-
-def read_json(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as file:
-            return json.load(file)
-    except FileNotFoundError:
-        raise Gemma4Error(f"missing {path.name} in {path.parent}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise Gemma4Error(f"corrupt {path}: {error}") from None
 
 
 def weight_files(model_path: Path) -> list:
@@ -111,6 +103,7 @@ def load_weights(module: nn.Module, model_path: Path, quantization: Optional[dic
         raise Gemma4Error(f"weights in {model_path} do not fit the config: {str(error).splitlines()[0]}") from None
     mx.eval(module.parameters())
     fuse_projections(module)
+    use_few_row_products(module)
     module.eval()
     return module
 
@@ -129,8 +122,6 @@ def load_model(model_path: Path, dtype: Optional[str] = None) -> Model:
 
 def load(path_or_repo: Union[str, Path], dtype: Optional[str] = None):
     """`model, processor = load("google/gemma-4-12B-it")`, or a local folder; `dtype` casts floating weights."""
-    from .processor import Processor
-
     check_dtype(dtype)
     model_path = resolve_model_path(path_or_repo)
     model = load_model(model_path, dtype)

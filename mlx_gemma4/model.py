@@ -14,6 +14,7 @@ from .decode_step import CompiledSteps
 from .decoder import LanguageModel
 from .embedder import make_embedders
 from .errors import Gemma4Error
+from .kv_cache import kv_quantization
 from .multimodal import block_ids_for, merge_media
 
 # Reference buffers that are recomputed, never loaded.
@@ -32,8 +33,10 @@ class Model(nn.Module):
         ).items():
             setattr(self, name, module)
 
-    def make_cache(self) -> list:
-        return self.language_model.model.make_cache()
+    def make_cache(self, kv_bits: Optional[int] = None, kv_group_size: int = 64, quantized_kv_start: int = 0) -> list:
+        """The decoder's caches; with `kv_bits` (4 or 8) they hold keys and values quantized in groups of
+        `kv_group_size` once they hold `quantized_kv_start` positions (mlx-lm's options)."""
+        return self.language_model.model.make_cache(kv_quantization(kv_bits, kv_group_size, quantized_kv_start))
 
     def embed_inputs(self, input_ids: mx.array, **media) -> mx.array:
         """Token embeddings with image, video and audio soft tokens in place; `media` as the reference processor

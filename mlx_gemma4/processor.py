@@ -11,6 +11,7 @@ from mlx_lm.tokenizer_utils import load as load_tokenizer
 from .config import ModelConfig
 from .errors import Gemma4Error
 from .image_processing import PatchBudget
+from .json_files import read_optional_json
 from .video_processing import VIDEO_BUDGET
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
@@ -33,11 +34,7 @@ class Processor:
     def from_folder(cls, model_path: Path, config: ModelConfig) -> "Processor":
         if not any((model_path / name).exists() for name in TOKENIZER_FILES):
             raise Gemma4Error(f"no tokenizer in {model_path} (expected tokenizer.json or tokenizer.model)")
-        from .loading import read_json
-
-        generation = read_json(model_path / "generation_config.json") if (
-            model_path / "generation_config.json"
-        ).exists() else {}
+        generation = read_optional_json(model_path / "generation_config.json")
         try:
             tokenizer = load_tokenizer(model_path)
         except Exception as error:  # the tokenizer libraries raise many kinds; all mean the same to a user
@@ -48,7 +45,7 @@ class Processor:
         end_of_turn = tokenizer.get_vocab().get(END_OF_TURN_TOKEN)
         if end_of_turn is not None:
             stop.add(end_of_turn)
-        media = read_json(model_path / "processor_config.json") if (model_path / "processor_config.json").exists() else {}
+        media = read_optional_json(model_path / "processor_config.json")
         image_budget = PatchBudget.from_dict(media.get("image_processor", {}))
         video_budget = PatchBudget.from_dict({**VIDEO_BUDGET.__dict__, **media.get("video_processor", {})})
         return cls(tokenizer, config, stop, image_budget, video_budget)
@@ -75,18 +72,47 @@ class Processor:
         messages.append({"role": "user", "content": content})
         return self.apply_chat_template(messages, **template_options)
 
+    def open_user_turn(self, user_text: str, system_prompt: Optional[str] = None, **template_options) -> str:
+        """A chat prompt that ends inside the user's turn, for a prompt cache that later text continues
+        (continuation_prompt), as mlx-lm's cache_prompt writes one."""
+        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        messages.append({"role": "user", "content": user_text})
+        return self.apply_chat_template(messages, add_generation_prompt=False, continue_final_message=True,
+                                        **template_options)
+
+    def continuation_prompt(self, user_text: str, **template_options) -> str:
+        """The rest of a turn that open_user_turn left open: `user_text`, the end of the turn and the start of the
+        model's (the template's own text after a user message's content)."""
+        marker = "\x00content\x00"
+        templated = self.apply_chat_template([{"role": "user", "content": marker}], **template_options)
+        return user_text + templated[templated.index(marker) + len(marker):]
+
     def encode(self, text: str) -> list:
         # A chat template already wrote <bos>; adding another would change the model's input.
         bos = self.tokenizer.bos_token
         return self.tokenizer.encode(text, add_special_tokens=bos is None or not text.startswith(bos))
 
-    def __call__(self, text: str, images: Optional[list] = None, audio: Optional[list] = None,
+    def media_placeholders(self, images: Optional[list], audio: Optional[list], videos: Optional[list]) -> str:
+        """The text the reference processor writes for media given without text: one placeholder per item, joined
+        by spaces (its prepare_inputs_layout does so for images, and for audio)."""
+        counts = {"image_token_id": len(images or []), "video_token_id": len(videos or []),
+                  "audio_token_id": len(audio or [])}
+        tokens = [self.tokenizer.convert_ids_to_tokens(getattr(self.config, name))
+                  for name, count in counts.items() for _ in range(count)]
+        if not tokens:
+            raise Gemma4Error("the processor needs text, media, or both")
+        return " ".join(tokens)
+
+    def __call__(self, text: Optional[str] = None, images: Optional[list] = None, audio: Optional[list] = None,
                  videos: Optional[list] = None) -> dict:
         """Model inputs under the reference processor's names. As there, each `<|image|>`, `<|audio|>` or `<|video|>`
         in `text` stands for the next item of its list and is expanded to that item's soft tokens between begin and
-        end tokens; the media arrays and `mm_token_type_ids` come with it."""
+        end tokens; the media arrays and `mm_token_type_ids` come with it. Without `text`, the prompt is the media's
+        placeholders alone."""
         from .multimodal import expand_media
 
+        if text is None:
+            text = self.media_placeholders(images, audio, videos)
         text, media = expand_media(self, text, images, audio, videos)
         ids = self.encode(text)
         inputs = {"input_ids": mx.array([ids]), "attention_mask": mx.ones((1, len(ids)), dtype=mx.int32)}

@@ -28,7 +28,8 @@ from .config import SLIDING
 from .draft_policy import MAX_DRAFT_TOKENS, DraftPolicy
 from .errors import Gemma4Error
 from .decode_step import decode_step
-from .decoding import CLEAR_CACHE_EVERY, DEFAULT_PREFILL_STEP_SIZE, generation_stream, prefill, sample_last
+from .decoding import (
+    CLEAR_CACHE_EVERY, DEFAULT_PREFILL_STEP_SIZE, generation_stream, prefill, quantize_caches, sample_last)
 from .kv_cache import FullCache, WindowCache
 
 
@@ -189,6 +190,9 @@ def speculative_generate_step(
     prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
     prompt_cache: Optional[list] = None,
     statistics: Optional[DraftStatistics] = None,
+    kv_bits: Optional[int] = None,
+    kv_group_size: int = 64,
+    quantized_kv_start: int = 0,
     **model_inputs,
 ) -> Iterator[tuple]:
     """Yields (token, logprobs, from_draft) for `prompt`; the prefill (media included) is generate_step's own.
@@ -200,6 +204,7 @@ def speculative_generate_step(
     cache = make_speculative_cache(model) if prompt_cache is None else prompt_cache
     if not all(isinstance(c, (FullCache, WindowCache)) and c.is_trimmable() for c in cache):
         raise Gemma4Error("speculative decoding needs trimmable caches: make them with make_speculative_cache")
+    quantize_caches(cache, kv_bits, kv_group_size, quantized_kv_start)
     stores = store_caches(model, cache)
     embed = model.language_model.model.embed
     sampling_logprobs = None if temp == 0 else make_filter(temp, top_p, top_k, min_p)

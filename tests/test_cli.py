@@ -1,4 +1,5 @@
-"""`python -m mlx_gemma4.generate`: the reply on stdout, statistics on stderr, bad input as one line and an exit code."""
+"""The command line (`mlx-gemma4`, `python -m mlx_gemma4`): the reply on stdout, statistics on stderr, bad input as one
+line and an exit code."""
 
 import io
 import subprocess
@@ -8,7 +9,7 @@ import mlx.core as mx
 import pytest
 import torch
 
-from mlx_gemma4.generate import main
+from mlx_gemma4.cli import main
 from mlx_gemma4.generation import stream_responses
 from mlx_gemma4.loading import load
 from reference_models import save_reference_checkpoint
@@ -22,7 +23,10 @@ def checkpoint(tmp_path_factory):
 
 
 def run_cli(capsys, *args):
-    code = main([str(a) for a in args])
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exit_info:  # argparse's own refusals (a malformed flag value) exit from parse_args
+        code = exit_info.code
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -73,6 +77,12 @@ def test_chat_template_config_reaches_the_template(checkpoint):
     "flags, fragment",
     [
         (["--temp", "-1"], "--temp"),
+        (["--temp", "nan"], "--temp"),
+        (["--temp", "inf"], "--temp"),
+        (["--top-p", "nan"], "--top-p"),
+        (["--top-p", "-inf"], "--top-p"),
+        (["--min-p", "nan"], "--min-p"),
+        (["--num-draft-tokens", "0", "--draft-model", "absent"], "--num-draft-tokens"),
         (["--top-p", "2"], "--top-p"),
         (["--min-p", "-0.5"], "--min-p"),
         (["--top-k", "-3"], "--top-k"),
@@ -93,7 +103,7 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(checkpoint, capsys, flags, fra
 
 def test_missing_model_is_one_line_without_traceback(tmp_path):
     process = subprocess.run(
-        [sys.executable, "-m", "mlx_gemma4.generate", "--model", str(tmp_path / "absent"), "--prompt", "hi"],
+        [sys.executable, "-m", "mlx_gemma4", "--model", str(tmp_path / "absent"), "--prompt", "hi"],
         capture_output=True, text=True,
     )
     assert process.returncode == 1 and process.stdout == ""
@@ -101,6 +111,56 @@ def test_missing_model_is_one_line_without_traceback(tmp_path):
 
 
 def test_unknown_flag_is_one_line_without_usage_block():
-    process = subprocess.run([sys.executable, "-m", "mlx_gemma4.generate", "--model", "x", "--prompt", "hi", "--bogus"],
+    process = subprocess.run([sys.executable, "-m", "mlx_gemma4", "--model", "x", "--prompt", "hi", "--bogus"],
                              capture_output=True, text=True)
     assert process.returncode == 2 and process.stderr.count("\n") == 1 and "--bogus" in process.stderr
+
+
+def test_flags_are_checked_before_any_model_is_loaded(tmp_path, capsys, monkeypatch):
+    from mlx_gemma4 import loading
+
+    monkeypatch.setattr(loading, "load", lambda *a, **k: pytest.fail("a model was loaded before the flags were checked"))
+    code, out, err = run_cli(capsys, "--model", tmp_path / "absent", "--prompt", "hi", "--draft-model",
+                             tmp_path / "absent", "--num-draft-tokens", "0")
+    assert code == 1 and out == ""
+    assert err == "error: --num-draft-tokens must be between 1 and 16\n"
+
+
+def test_a_reply_cut_short_by_the_context_says_so_on_stderr(checkpoint, capsys):
+    folder, _ = checkpoint
+    code, out, err = run_cli(capsys, "--model", folder, "--prompt", "Hello fox", "-m", 200, "--verbose", "false")
+    assert code == 0 and out.strip()
+    assert err.count("\n") == 1 and "context (64 tokens) is full" in err
+
+
+def test_a_reply_that_ends_at_max_tokens_gives_no_context_note(checkpoint, capsys):
+    folder, _ = checkpoint
+    code, _, err = run_cli(capsys, "--model", folder, "--prompt", "Hello fox", "-m", 3, "--verbose", "false")
+    assert code == 0 and err == ""
+
+
+def test_one_generated_token_reports_no_generation_rate(checkpoint, capsys):
+    folder, _ = checkpoint
+    code, _, err = run_cli(capsys, "--model", folder, "--prompt", "Hello fox", "-m", 1)
+    generation = [line for line in err.splitlines() if line.startswith("Generation:")]
+    assert code == 0 and generation == ["Generation: 1 tokens"]
+
+
+def test_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert exit_info.value.code == 0
+    for default in ("most tokens to generate (default: 256", "greedy (default: 0.0)", "keep all (default: 1.0)",
+                    "prompt tokens processed per step (default: 2048)", "(default: adapt to the acceptance rate)"):
+        assert default in text
+
+
+def test_the_console_script_runs_the_command_line():
+    import importlib
+    import re
+    from pathlib import Path
+
+    pyproject = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    module, function = re.search(r'^mlx-gemma4 = "([\w.]+):(\w+)"$', pyproject, re.MULTILINE).groups()
+    assert getattr(importlib.import_module(module), function) is main

@@ -1,6 +1,11 @@
 """convert/: a tiny multi-shard reference checkpoint to MLX folders that mlx-gemma4, mlx-vlm and mlx-lm all load."""
 
 import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -11,8 +16,11 @@ from convert_fixtures import save_assistant_checkpoint, save_quantizable_checkpo
 from reference_models import reference_logits
 
 from convert import qat
+from convert.checkpoint import read_checkpoint
+from convert.layout import make_layout
 from convert.convert import main
 from convert.pipeline import convert
+from convert.quantize import QuantizationSettings, plan_quantization
 from mlx_gemma4.drafter import load_drafter
 from mlx_gemma4.loading import load, load_model
 
@@ -83,7 +91,7 @@ def test_output_folder_has_shards_index_config_tokenizer_template_and_card(sourc
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
         assert (folder / name).read_bytes() == (source[0] / name).read_bytes()
     card = (folder / "README.md").read_text()
-    assert "license: apache-2.0" in card and "4-bit affine, group size 64" in card and "mlx_gemma4" in card
+    assert "4-bit affine, group size 64" in card and "mlx_gemma4" in card
 
 
 def test_every_linear_and_embedding_is_quantized_at_4_bits(converted):
@@ -118,6 +126,13 @@ def test_mixed_recipe_records_its_8_bit_layers_in_the_config(converted):
     model = load_model(converted["mixed"])
     assert model.language_model.model.layers[0].self_attn.v_proj.bits == 8
     assert model.language_model.model.layers[0].self_attn.q_proj.bits == 4
+
+
+def test_mlp_recipe_puts_exactly_the_mlp_projections_at_8_bits(source):
+    plan = plan_quantization(make_layout(read_checkpoint(source[0])), QuantizationSettings(recipe="mlp_8"))
+    eight_bit = {path for path, params in plan.items() if params["bits"] == 8}
+    assert eight_bit and eight_bit == {path for path in plan if ".mlp." in path}
+    assert {params["bits"] for path, params in plan.items() if path not in eight_bit} == {4}
 
 
 def test_converted_folder_loads_with_its_processor(converted):
@@ -194,8 +209,21 @@ def test_input_errors_stop_with_one_line_before_writing(source, tmp_path, capsys
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 
 
+def gguf_q4_0(weight: np.ndarray) -> tuple:
+    """llama.cpp's q4_0 of a matrix, by the `gguf` package (independent of convert/qat.py): (codes 0..15, the
+    weights it dequantizes to), both shaped like `weight`, in float32."""
+    import gguf
+
+    q4_0 = gguf.GGMLQuantizationType.Q4_0
+    blocks = gguf.quantize(weight.astype(np.float32), q4_0).reshape(*weight.shape[:-1], -1, 18)
+    packed = blocks[..., 2:]  # 2 bytes of float16 step, then 16 bytes of codes: low nibbles first, then high ones
+    codes = np.concatenate([packed & 15, packed >> 4], axis=-1).reshape(weight.shape)
+    return codes, gguf.dequantize(blocks.reshape(-1), q4_0).reshape(weight.shape)
+
+
 def snap_to_q4_0_grid(source: Path, destination: Path) -> dict:
-    """A QAT-like checkpoint: every matrix of width divisible by 32 moved onto its q4_0 grid, in bfloat16."""
+    """A QAT-like checkpoint: every matrix of width divisible by 32 replaced by what llama.cpp's q4_0 makes of it,
+    stored in bfloat16 as QAT checkpoints are."""
     copy_checkpoint(source, destination)
     snapped = {}
     for file in destination.glob("*.safetensors"):
@@ -203,14 +231,23 @@ def snap_to_q4_0_grid(source: Path, destination: Path) -> dict:
         for name, value in weights.items():
             value = value.astype(mx.bfloat16)
             if value.ndim == 2 and value.shape[-1] % qat.BLOCK_SIZE == 0:
-                value = qat.dequantize_q4_0(value).astype(mx.bfloat16)
+                value = mx.array(gguf_q4_0(np.array(value.astype(mx.float32)))[1]).astype(mx.bfloat16)
                 snapped[name] = value
             weights[name] = value
         mx.save_safetensors(str(file), weights, metadata={"format": "pt"})
     return snapped
 
 
-def test_qat_mode_reproduces_q4_0_grid_weights_exactly(source, tmp_path, monkeypatch):
+def unpack_4_bit_codes(packed: np.ndarray) -> np.ndarray:
+    shifts = np.arange(32 // 4, dtype=np.uint32) * 4
+    return ((packed[..., None] >> shifts) & 15).reshape(*packed.shape[:-1], -1)
+
+
+@pytest.mark.parametrize("name, path", [
+    ("model.language_model.layers.1.self_attn.q_proj.weight", "language_model.model.layers.1.self_attn.q_proj"),
+    ("model.language_model.embed_tokens.weight", "language_model.model.embed_tokens"),
+])
+def test_qat_mode_stores_llama_cpps_q4_0_codes_and_weights(source, tmp_path, monkeypatch, name, path):
     monkeypatch.setattr(qat, "CHUNK_WEIGHTS", 1000)  # several row blocks per matrix, as on the real model
     snapped = snap_to_q4_0_grid(source[0], tmp_path / "qat")
     folder = convert(str(tmp_path / "qat"), str(tmp_path / "out"), qat=True, progress=False)
@@ -219,13 +256,12 @@ def test_qat_mode_reproduces_q4_0_grid_weights_exactly(source, tmp_path, monkeyp
     stored = {}
     for file in folder.glob("*.safetensors"):
         stored.update(mx.load(str(file)))
-    name, weight = "model.language_model.layers.1.self_attn.q_proj.weight", None
-    weight = snapped[name]
-    path = "language_model.model.layers.1.self_attn.q_proj"
+    codes, dequantized = gguf_q4_0(np.array(snapped[name].astype(mx.float32)))
+    np.testing.assert_array_equal(unpack_4_bit_codes(np.array(stored[f"{path}.weight"])), codes)
     scales, biases = stored[f"{path}.scales"], stored[f"{path}.biases"]
     assert mx.array_equal(biases, -8 * scales)
     restored = mx.dequantize(stored[f"{path}.weight"], scales.astype(mx.float32), biases.astype(mx.float32), 32, 4)
-    assert mx.array_equal(restored.astype(mx.bfloat16), weight)
+    np.testing.assert_array_equal(np.array(restored), dequantized)
 
 
 def test_qat_mode_refuses_weights_off_the_grid(source, tmp_path, capsys):
@@ -289,3 +325,90 @@ def test_upload_without_network_fails_with_one_line(converted, capsys):
     # conftest sets HF_HUB_OFFLINE: huggingface_hub refuses every request, as it does without a network.
     code, err = run_cli(["--mlx-path", converted[4], "--upload-repo", "me/x"], capsys)
     assert code == 1 and len(err) == 1 and "upload to me/x failed" in err[0]
+
+
+def readme_upload_command() -> list:
+    """The README's upload example, as arguments for convert.py's main."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    line = next(line for line in readme.splitlines() if line.startswith("python convert/convert.py") and "--upload-repo" in line)
+    return shlex.split(line)[2:]
+
+
+def test_the_readmes_upload_example_uploads_an_existing_converted_folder(converted, monkeypatch, capsys):
+    hub = RecordingHub(monkeypatch)
+    example_folder = "gemma-4-12B-it-4bit"
+    arguments = [str(converted[4]) if argument == example_folder else argument for argument in readme_upload_command()]
+    assert str(converted[4]) in arguments
+    code = main(arguments)
+    listing = capsys.readouterr().out
+    assert code == 0 and hub.calls == []
+    assert f"from {converted[4]} to https://huggingface.co/" in listing and "config.json" in listing
+
+
+def test_converting_an_already_quantized_folder_is_refused_in_one_line(converted, tmp_path, capsys):
+    code, err = run_cli(["--hf-path", converted[4], "--mlx-path", tmp_path / "again", "-q"], capsys)
+    assert code == 1 and len(err) == 1
+    assert "is already quantized" in err[0] and "without --hf-path" in err[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+KILLED_CONVERSION = """
+import os, signal, sys
+from pathlib import Path
+from convert.staging import staged_folder
+with staged_folder(Path(sys.argv[1]), replace=False) as staging:
+    (staging / "model-00001-of-00002.safetensors").write_bytes(bytes(2_000_000))
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_the_next_conversion_removes_a_killed_ones_staging_folder_and_says_so(source, tmp_path, capsys):
+    destination = tmp_path / "out"
+    killed = subprocess.run([sys.executable, "-c", KILLED_CONVERSION, str(destination)],
+                            cwd=Path(__file__).resolve().parent.parent, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert killed.returncode == -signal.SIGKILL
+    (leftover,) = tmp_path.iterdir()
+    assert leftover.name.startswith(".out.partial-")
+    users = tmp_path / ".out.partial-mine"  # named like a staging folder, but not named by the converter
+    users.mkdir()
+    code, err = run_cli(["--hf-path", source[0], "--mlx-path", destination, "-q"], capsys)
+    assert code == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.partial-mine", "out"]
+    assert any(line.startswith(f"note: removed {leftover} (2.0 MB)") for line in err)
+    assert any(line.startswith(f"note: left {users} alone") for line in err)
+
+
+def test_a_running_conversions_staging_folder_is_left_alone(tmp_path):
+    from convert.staging import remove_stale_staging
+
+    running = tmp_path / f".out.partial-{os.getpid()}-abc123"
+    running.mkdir()
+    assert remove_stale_staging(tmp_path / "out") == [] and running.is_dir()
+
+
+def card_for(source: Path, tmp_path: Path, name: str) -> str:
+    return (convert(str(source), str(tmp_path / name), q_bits=8, progress=False) / "README.md").read_text()
+
+
+def test_the_model_card_copies_the_source_cards_licence(source, tmp_path):
+    with_card = copy_checkpoint(source[0], tmp_path / "hf")
+    (with_card / "README.md").write_text(
+        "---\nlicense: gemma\nlicense_link: https://ai.google.dev/gemma/terms\nlibrary_name: transformers\n---\n# Gemma\n"
+    )
+    card = card_for(with_card, tmp_path, "out")
+    assert card.startswith("---\nlicense: gemma\nlicense_link: https://ai.google.dev/gemma/terms\n")
+    assert "[gemma](https://ai.google.dev/gemma/terms)" in card and "Apache" not in card
+
+
+def test_without_a_source_licence_the_card_says_the_base_models_terms_apply(source, converted):
+    card = (converted[4] / "README.md").read_text()
+    assert "license:" not in card and "Apache" not in card
+    assert "The base model's terms" in card
+
+
+def test_the_model_card_installs_only_what_can_be_installed(converted):
+    card = (converted[4] / "README.md").read_text()
+    assert "pip install mlx-gemma4" not in card
+    assert "pip install -U mlx-vlm" in card and f"python -m mlx_vlm.generate --model {converted[4]}" in card
+    assert "pip install -e .   # in a checkout of the mlx-gemma4 repository" in card
+    assert f"mlx-gemma4 --model {converted[4]}" in card

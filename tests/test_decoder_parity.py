@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from mlx_gemma4 import decode_step
+from mlx_gemma4 import attention, decode_step
 from mlx_gemma4.kv_cache import WindowCache
 from mlx_gemma4.loading import load_model
 from reference_models import FLOAT32_TOLERANCE, reference_logits, save_reference_checkpoint
@@ -95,6 +95,21 @@ def test_chunked_prefill_matches_full_forward(checkpoint, chunk):
     folder, reference = checkpoint
     model = load_model(folder)
     ids = random_ids(model.config.text_config.vocab_size, 23, seed=2)
+    expected = reference_logits(reference, ids)
+    cache = model.make_cache()
+    pieces = [np.array(model(mx.array(ids[:, s : s + chunk]), cache=cache)) for s in range(0, ids.shape[1], chunk)]
+    assert np.abs(np.concatenate(pieces, axis=1) - expected).max() <= FLOAT32_TOLERANCE
+
+
+@pytest.mark.parametrize("chunk", [8, 64])
+def test_blockwise_prefill_at_depth_matches_reference(checkpoint, chunk, monkeypatch):
+    """A prompt many windows long, prefilled in chunks whose attention runs over the keys in blocks of a few keys
+    (the online softmax of attention.py, many blocks deep): every position's logits are the reference's."""
+    folder, reference = checkpoint
+    model = load_model(folder)
+    heads = model.config.text_config.num_attention_heads
+    monkeypatch.setattr(attention, "SCORES_PER_BLOCK", heads * chunk * 3)  # blocks of 3 keys
+    ids = random_ids(model.config.text_config.vocab_size, 64, seed=4)
     expected = reference_logits(reference, ids)
     cache = model.make_cache()
     pieces = [np.array(model(mx.array(ids[:, s : s + chunk]), cache=cache)) for s in range(0, ids.shape[1], chunk)]

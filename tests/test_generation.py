@@ -52,6 +52,14 @@ def test_generation_stops_at_max_tokens(checkpoint):
     assert all(r.finish_reason is None for r in responses[:-1])
 
 
+def test_a_reply_cut_short_by_the_context_finishes_on_length(checkpoint):
+    _, _, model, processor = checkpoint
+    prompt = [2, 40, 41]
+    responses = list(stream_generate(model, processor, prompt, max_tokens=200, sampler=lambda lp: mx.array([300])))
+    assert len(responses) == model.config.text_config.max_position_embeddings - len(prompt)
+    assert responses[-1].finish_reason == "length"
+
+
 def test_a_later_generation_replays_the_first_ones_compiled_steps(checkpoint):
     _, _, model, processor = checkpoint
     prompt = [2, 40, 41, 42, 43]

@@ -90,6 +90,26 @@ def test_gate_and_up_projections_run_as_one_matmul_with_the_same_logits(checkpoi
     assert mx.abs(fused - apart).max().item() <= 1e-6 * mx.abs(apart).max().item()
 
 
+def test_query_key_and_value_projections_run_as_one_matmul_with_the_same_logits(checkpoint):
+    folder, _ = checkpoint
+    model = load_model(folder)
+    attention = [layer.self_attn for layer in model.language_model.model.layers]
+    assert all("qkv" in layer and "q_proj" not in layer for layer in attention if len(layer.projection_names()) > 1)
+    fused, apart = model(mx.array(IDS)), unfused_model(folder)(mx.array(IDS))
+    assert mx.abs(fused - apart).max().item() <= 1e-6 * mx.abs(apart).max().item()
+
+
+def test_fused_attention_projections_are_written_under_the_checkpoint_names(checkpoint):
+    folder, _ = checkpoint
+    written = checkpoint_weights(load_model(folder))
+    stored = unfused_model(folder).parameters()
+    from mlx.utils import tree_flatten
+
+    expected = dict(tree_flatten(stored))
+    assert set(written) == set(expected)
+    assert all(mx.array_equal(written[name], expected[name]) for name in expected if ".self_attn." in name)
+
+
 def test_a_mixed_recipe_keeps_differently_quantized_gate_and_up_apart(tmp_path):
     source = tmp_path / "source"
     save_reference_checkpoint(source, dict(hidden_size=64, intermediate_size=96), vision=False, audio=False)

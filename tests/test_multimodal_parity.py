@@ -177,6 +177,33 @@ def test_prompt_expansion_matches_reference_processor(checkpoint):
     assert reference_inputs.digest(np.array(inputs["input_features"])) == notes["processor:input_features:sha256"]
 
 
+def test_media_without_text_are_processed_as_the_reference_processor_does(checkpoint):
+    """Gemma4UnifiedProcessor, given media alone, writes one placeholder per item joined by spaces and returns the
+    media's arrays with the expanded prompt; the arrays equal those the reference made with text around them."""
+    _, _, model, _ = checkpoint
+    processor = Processor(load_tokenizer(DATA / "tokenizer"), model.config, stop_token_ids=set())
+    reference = np.load(DATA / "reference_arrays.npz")
+    notes = json.loads(str(reference["notes"]))
+    images, audio = [DATA / "rocket.jpg", DATA / "tiny.png"], [reference_inputs.audio_clip()]
+
+    alone = processor(images=images)
+    assert reference_inputs.digest(np.array(alone["pixel_values"])) == notes["processor:pixel_values:sha256"]
+    with_placeholders = processor("<|image|> <|image|>", images=images)
+    assert sorted(alone) == sorted(with_placeholders)
+    for name in alone:
+        assert np.array_equal(np.array(alone[name]), np.array(with_placeholders[name])), name
+
+    alone = processor(audio=audio)
+    assert np.array(alone["input_features_mask"]).tolist() == reference["processor:input_features_mask"].tolist()
+    assert reference_inputs.digest(np.array(alone["input_features"])) == notes["processor:input_features:sha256"]
+    assert np.array(alone["input_ids"]).tolist() == np.array(processor("<|audio|>", audio=audio)["input_ids"]).tolist()
+
+
+def test_the_processor_without_text_or_media_is_a_clear_error(checkpoint):
+    with pytest.raises(Gemma4Error, match="needs text, media, or both"):
+        checkpoint[3]()
+
+
 def test_stream_generate_with_an_image_starts_with_the_reference_token(checkpoint):
     folder, reference, model, processor = checkpoint
     prompt = processor.chat_prompt("Describe it.", images=1)
@@ -207,7 +234,7 @@ def test_placeholder_count_must_match_the_media(checkpoint):
 def test_command_line_takes_images_and_audio(checkpoint, capsys, tmp_path):
     import soundfile
 
-    from mlx_gemma4.generate import main
+    from mlx_gemma4.cli import main
 
     folder = checkpoint[0]
     clip = tmp_path / "clip.wav"
@@ -219,7 +246,7 @@ def test_command_line_takes_images_and_audio(checkpoint, capsys, tmp_path):
 
 
 def test_command_line_bad_image_is_one_line_and_nonzero(checkpoint, capsys, tmp_path):
-    from mlx_gemma4.generate import main
+    from mlx_gemma4.cli import main
 
     broken = tmp_path / "broken.png"
     broken.write_bytes((DATA / "tiny.png").read_bytes()[:100])

@@ -263,7 +263,7 @@ def test_window_ring_hands_out_the_window_after_appends_wraps_and_trims():
 
 
 def test_the_cli_refuses_a_mismatched_assistant_in_one_line(target_folder, tmp_path, capsys):
-    from mlx_gemma4.generate import main
+    from mlx_gemma4.cli import main
 
     target, assistant = target_folder, tmp_path / "assistant"
     save_reference_assistant(assistant, backbone=40)

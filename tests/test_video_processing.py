@@ -4,6 +4,7 @@ import fractions
 import json
 import sys
 
+import av  # a test dependency (pyproject's `test` extra): without it these tests fail rather than skip
 import numpy as np
 import pytest
 
@@ -11,7 +12,6 @@ from mlx_gemma4.errors import Gemma4Error
 from mlx_gemma4.video_processing import load_video, process_videos, sample_indices
 from multimodal_fixtures import DATA, reference_inputs
 
-av = pytest.importorskip("av")
 REFERENCE = np.load(DATA / "reference_arrays.npz")
 NOTES = json.loads(str(REFERENCE["notes"]))
 # Lossless codecs, so decoded frames equal the frames the reference saw. The .mov states its frame count; the

@@ -7,7 +7,7 @@ import sys
 import threading
 
 from ..errors import Gemma4Error
-from ..generate import OneLineParser
+from ..cli import OneLineParser
 from ..decoding import DEFAULT_PREFILL_STEP_SIZE
 from .app import DEFAULT_MAX_TOKENS
 from .engine import DEFAULT_MAX_QUEUED

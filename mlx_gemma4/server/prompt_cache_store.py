@@ -22,7 +22,15 @@ DEFAULT_MAX_BYTES = 8 * 1024**3
 
 
 def cache_bytes(cache: list) -> int:
-    return sum(array.nbytes for layer in cache for array in (layer.keys, layer.values) if array is not None)
+    return sum(layer.nbytes for layer in cache)
+
+
+def shared_rows(rows):
+    """A new array (or quantized triple of arrays) over the same buffers: writing to the live cache replaces its own
+    arrays only."""
+    if rows is None:
+        return None
+    return tuple(part[...] for part in rows) if isinstance(rows, tuple) else rows[...]
 
 
 def snapshot(cache: list) -> list:
@@ -30,9 +38,7 @@ def snapshot(cache: list) -> list:
     copies = []
     for layer in cache:
         duplicate = copy.copy(layer)
-        if layer.keys is not None:
-            # A slice is a new array over the same buffer; writing to the live cache replaces its own array only.
-            duplicate.keys, duplicate.values = layer.keys[...], layer.values[...]
+        duplicate.keys, duplicate.values = shared_rows(layer.keys), shared_rows(layer.values)
         copies.append(duplicate)
     return copies
 

@@ -1,6 +1,6 @@
 """Size of a converted Gemma 4 unified model, computed from its config alone (no weights needed).
 
-    python bench/quantized_size.py [--config config.json]
+    python bench/studies/quantized_size.py [--config config.json]
 
 Without --config it uses the 12B's shape: hidden 3840, 48 layers (5 sliding : 1 full), 16 query heads, 8 KV heads
 of 256 on sliding layers, 1 KV head of 512 with K = V on full layers, MLP 15360, vocabulary 262144, tied
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mlx.utils import tree_flatten
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from convert.layout import model_layout  # noqa: E402
 from convert.quantize import QuantizationSettings, plan_quantization  # noqa: E402

@@ -1,7 +1,7 @@
 """Where a decoding loop's time goes on the host: per token, the wall time and the part spent inside mx.async_eval
 (handing the step's kernels to the device), for plain decoding and for the speculative loop.
 
-    python bench/loop_overhead.py --random 12b --bits 4      (on the GPU machine; random weights)
+    python bench/studies/loop_overhead.py --random 12b --bits 4      (on the GPU machine; random weights)
 
 When the time in async_eval plus the Python that builds a step comes near a step's device time, decoding is bound
 by the host, whatever the memory bandwidth: fewer kernels per step is then the lever, not faster kernels.
@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for random_model
 
 import mlx.core as mx  # noqa: E402
 

@@ -1,6 +1,6 @@
 """Train a small Gemma 4 unified target and its MTP assistant on the Python standard library, on a CPU, offline.
 
-    python bench/train_small_pair.py --out bench/artifacts/small-pair
+    python bench/studies/train_small_pair.py --out bench/artifacts/small-pair
 
 The target is a `Gemma4UnifiedForConditionalGeneration` with the 12B's layer kinds (five sliding layers, then one
 full layer with k_eq_v and one wide kv head) at small sizes; the assistant is a `Gemma4UnifiedAssistantForCausalLM`
@@ -60,6 +60,7 @@ def parse_args(argv=None):
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eval-prompts", type=int, default=24)
+    parser.add_argument("--perplexity-windows", type=int, help="held-out windows scored (default: all of them)")
     return parser.parse_args(argv)
 
 
@@ -157,8 +158,7 @@ def token_stream(tokenizer, texts: list):
 
     ids = []
     for text in texts:
-        ids.extend(tokenizer.encode(text, add_special_tokens=False))
-        ids.append(tokenizer.eos_token_id)
+        ids.extend(tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id])
     return torch.tensor(ids, dtype=torch.long)
 
 
@@ -266,11 +266,11 @@ def assistant_loss(target, assistant, input_ids, unroll: int):
     return loss / unroll
 
 
-def held_out_perplexity(target, tokens, length: int) -> float:
+def held_out_perplexity(target, tokens, length: int, most_windows=None) -> float:
     import torch
     import torch.nn.functional as F
 
-    windows = tokens[: (tokens.numel() // length) * length].reshape(-1, length)
+    windows = tokens[: (tokens.numel() // length) * length].reshape(-1, length)[:most_windows]
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, windows.shape[0], 8):
@@ -306,8 +306,7 @@ def acceptance(target, assistant, tokens, prompts: int, prompt_length: int = 96,
     stride = max(1, (tokens.numel() - prompt_length) // prompts)
     with torch.no_grad():
         for index in range(prompts):
-            sequence = tokens[index * stride:index * stride + prompt_length]
-            produced = 0
+            sequence, produced = tokens[index * stride:index * stride + prompt_length], 0
             while produced < new_tokens:
                 drafts = draft(target, assistant, sequence, ACCEPTANCE_DRAFT_TOKENS)
                 candidate = torch.cat([sequence, torch.tensor(drafts)])
@@ -338,8 +337,8 @@ def main(argv=None):
     out = Path(args.out)
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    (staging / "target").mkdir(parents=True)
-    (staging / "assistant").mkdir()
+    for part in ("target", "assistant"):
+        (staging / part).mkdir(parents=True)
     began = time.perf_counter()
 
     train_texts, held_out_texts = stdlib_texts(args.seed, args.corpus_megabytes)
@@ -358,10 +357,10 @@ def main(argv=None):
         return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
 
     target.train()
-    target_seconds = train_loop(list(target.parameters()), target_loss, data, args.target_steps,
-                                args.learning_rate, "target")
+    target_seconds = train_loop(list(target.parameters()), target_loss, data, args.target_steps, args.learning_rate,
+                                "target")
     target.eval().requires_grad_(False)
-    perplexity = held_out_perplexity(target, held_out_tokens, args.seq_len)
+    perplexity = held_out_perplexity(target, held_out_tokens, args.seq_len, args.perplexity_windows)
     print(f"target held-out perplexity {perplexity:.2f}", flush=True)
 
     allow_all_reuse_layers()
@@ -370,11 +369,9 @@ def main(argv=None):
     assistant.config.text_config._attn_implementation = "sdpa"
     assistant.train()
     assistant_data = batches(train_tokens, args.assistant_batch_size, args.seq_len, generator)
-    assistant_seconds = train_loop(
-        [p for p in assistant.parameters() if p.requires_grad],
-        lambda batch: assistant_loss(target, assistant, batch, args.assistant_unroll), assistant_data,
-        args.assistant_steps, args.learning_rate, "assistant",
-    )
+    assistant_seconds = train_loop([p for p in assistant.parameters() if p.requires_grad],
+                                   lambda batch: assistant_loss(target, assistant, batch, args.assistant_unroll),
+                                   assistant_data, args.assistant_steps, args.learning_rate, "assistant")
     assistant.eval()
     measured = acceptance(target, assistant, held_out_tokens, args.eval_prompts)
     print(f"assistant acceptance {measured['acceptance_rate']:.3f}, "
@@ -390,8 +387,7 @@ def main(argv=None):
         training_tokens=train_tokens.numel(), held_out_tokens=held_out_tokens.numel(),
         target_seconds=round(target_seconds, 1), assistant_seconds=round(assistant_seconds, 1),
         total_seconds=round(time.perf_counter() - began, 1), cpu_seconds=round(time.process_time(), 1),
-        held_out_perplexity=round(perplexity, 3),
-        python=sys.version.split()[0], torch=torch.__version__, **measured,
+        held_out_perplexity=round(perplexity, 3), python=sys.version.split()[0], torch=torch.__version__, **measured,
     )
     (staging / "training_report.json").write_text(json.dumps(report, indent=2))
     shutil.rmtree(out, ignore_errors=True)

@@ -1,0 +1,41 @@
+"""A drafter for the benchmark only, whose acceptance rate is set rather than learned: the speculative loop's
+end-to-end speed at a given acceptance, at the 12B shape, without trained weights.
+
+It runs the real (here random) assistant at every step, so that each draft costs what a draft costs, then proposes
+the target's own next greedy token (read from a plain greedy run of the same prompt) with probability `acceptance`
+and some other token otherwise. The draft loop calls the drafter k times per round at the round's starting
+position; positions grow from round to round, which is how a step's place in its round is told.
+"""
+
+import random
+
+import mlx.core as mx
+
+# Logit of the proposed token; every other token gets its negative. Far beyond any real logit after softcapping.
+CHOSEN_LOGIT = 1e4
+
+
+class ControlledDrafter:
+    def __init__(self, drafter, greedy_tokens: list, prompt_length: int, acceptance: float, vocab_size: int,
+                 seed: int = 0):
+        self.drafter, self.greedy_tokens, self.prompt_length = drafter, greedy_tokens, prompt_length
+        self.acceptance, self.vocab_size = acceptance, vocab_size
+        self.random = random.Random(seed)
+        self.round_position, self.step = None, 0
+
+    def proposal(self, position: int) -> int:
+        self.step = self.step + 1 if position == self.round_position else 0
+        self.round_position = position
+        # The round starts after the token at `position`, the (position - prompt_length)-th generated one.
+        index = position - self.prompt_length + 1 + self.step
+        right = self.greedy_tokens[index] if index < len(self.greedy_tokens) else 0
+        if self.random.random() < self.acceptance:
+            return right
+        return (right + 1 + self.random.randrange(self.vocab_size - 1)) % self.vocab_size
+
+    def __call__(self, embedding, state, target_kv: dict, position: int):
+        logits, state = self.drafter(embedding, state, target_kv, position)
+        token = self.proposal(position)
+        chosen = mx.where(mx.arange(self.vocab_size) == token, CHOSEN_LOGIT, -CHOSEN_LOGIT)
+        # `logits * 0` keeps the assistant's own work in the graph, so the draft is computed (and paid for).
+        return logits.astype(mx.float32) * 0 + chosen, state
