@@ -3,6 +3,8 @@ that serves from it, the forced tool-call grammar. The engine runs in this threa
 streams."""
 
 import json
+import subprocess
+import sys
 
 import mlx.core as mx
 import numpy as np
@@ -219,3 +221,14 @@ def test_a_failing_job_reports_and_the_next_one_runs(library):
     engine.serve_one(Job(broken, Settings(max_tokens=3), events.append))
     assert events[0].user_error is False and "ValueError" in events[0].message
     assert isinstance(collect(engine, [2, 30, 31])[1], Finished)
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--model", "/nonexistent"], "model not found"),
+    (["--model", "x", "--num-draft-tokens", "3"], "needs --draft-model"),
+    (["--model", "x", "--chat-template-args", "{oops"], "not valid JSON"),
+])
+def test_the_server_refuses_bad_flags_in_one_line(flags, fragment):
+    process = subprocess.run([sys.executable, "-m", "mlx_gemma4.server", *flags], capture_output=True, text=True,
+                             timeout=120)
+    assert process.returncode == 1 and process.stderr.count("\n") == 1 and fragment in process.stderr

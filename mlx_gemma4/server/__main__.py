@@ -9,6 +9,7 @@ import threading
 from ..errors import Gemma4Error
 from ..cli import OneLineParser
 from ..decoding import DEFAULT_PREFILL_STEP_SIZE
+from ..draft_policy import MAX_DRAFT_TOKENS
 from .app import DEFAULT_MAX_TOKENS
 from .engine import DEFAULT_MAX_QUEUED
 from .media import DEFAULT_MAX_MEDIA_BYTES
@@ -62,6 +63,11 @@ def check_arguments(args) -> dict:
             raise Gemma4Error(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 < args.port < 65536:
         raise Gemma4Error("--port must be in 1..65535")
+    if args.num_draft_tokens is not None:
+        if args.draft_model is None:
+            raise Gemma4Error("--num-draft-tokens needs --draft-model")
+        if not 1 <= args.num_draft_tokens <= MAX_DRAFT_TOKENS:
+            raise Gemma4Error(f"--num-draft-tokens must be between 1 and {MAX_DRAFT_TOKENS}")
     try:
         options = json.loads(args.chat_template_args)
     except json.JSONDecodeError as error:
