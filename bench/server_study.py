@@ -8,7 +8,7 @@ the vocabulary is that tokenizer's 389 entries), saved to a scratch folder and s
 mlx_gemma4.server` in a subprocess on loopback; clients are the official openai client. (bench/random_model.py's
 `small` shape decodes at ~100 ms a token and prefills 1K tokens in ~85 s on this shared 2-core CPU: too slow for a
 4K conversation here.) Speeds are measured by the client: tokens after the first over
-the time from the first streamed chunk to the last. Runs alternate library and server, three of each.
+the time from the first streamed chunk to the last. Runs alternate library and server, five of each.
 
     python bench/server_study.py [--out bench/results/server-cpu-small.json]
 """
@@ -26,9 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]
 
-REPEATS = 3
+REPEATS = 5
 LONG_REPEATS = 2
-DECODE_TOKENS = 128
+DECODE_TOKENS = 256
 STUDY_SHAPE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=6, num_attention_heads=4,
                    num_key_value_heads=2, head_dim=64, global_head_dim=128, vocab_size=389, sliding_window=512)
 LONG_PROMPT_TOKENS = 4096
