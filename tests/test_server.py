@@ -130,6 +130,25 @@ def test_streamed_deltas_join_to_the_plain_reply_and_usage_comes_last(client):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
 
 
+def test_a_stop_string_cuts_the_reply_before_it(client):
+    messages = [{"role": "user", "content": "Tell me about the quick brown fox."}]
+    full = chat(client, messages, max_tokens=24).choices[0].message.content
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    assert stop.strip(), "pick a prompt whose reply has printable text in its middle"
+    choice = chat(client, messages, max_tokens=24, stop=[stop]).choices[0]
+    assert choice.message.content == full[: full.index(stop)] and choice.finish_reason == "stop"
+
+
+def test_chat_logprobs_give_each_token_and_its_likeliest_alternatives(client):
+    response = chat(client, [{"role": "user", "content": "Hello fox"}], max_tokens=8, logprobs=True, top_logprobs=3)
+    entries = response.choices[0].logprobs.content
+    assert len(entries) == response.usage.completion_tokens
+    for entry in entries:
+        values = [top.logprob for top in entry.top_logprobs]
+        assert len(values) == 3 and values == sorted(values, reverse=True)
+        assert entry.logprob == pytest.approx(values[0], abs=1e-6)  # greedy takes the likeliest
+
+
 def test_text_completion_equals_library_generate(client, library):
     model, processor = library
     prompt = "<bos>The quick brown"
