@@ -153,9 +153,6 @@ class ReplyPieces:
     reasoning: str = ""
     tool_calls: list = field(default_factory=list)
 
-    def __bool__(self):
-        return bool(self.content or self.reasoning or self.tool_calls)
-
 
 class ReplyParser:
     """Feed it the reply's text as it streams; each feed returns the new ReplyPieces. A tool call is handed out
@@ -163,10 +160,10 @@ class ReplyParser:
 
     MARKERS = (THINKING_START, THINKING_END, TOOL_CALL_START, TOOL_CALL_END, TOOL_RESPONSE_START)
 
-    def __init__(self, thinking_open: bool = False):
+    def __init__(self):
         self.pending = ""
-        self.mode = "thinking" if thinking_open else "content"
-        self.label_pending = thinking_open
+        self.mode = "content"
+        self.label_pending = False
         self.label_buffer = ""
         self.call_text = ""
         self.tool_response_reached = False

@@ -38,7 +38,6 @@ class GrammarTokenizer:
         description["added_tokens"] = [token for token in description.get("added_tokens", [])
                                        if not BYTE_TOKEN.fullmatch(token["content"])]
         self.vocab_size = processor.config.text_config.vocab_size
-        self.end_token = end_token
         self.tokenizer = llguidance.LLTokenizer(json.dumps(description), n_vocab=self.vocab_size, eos_token=end_token)
 
 
@@ -50,9 +49,6 @@ def json_grammar(schema: Optional[dict]) -> str:
     except ValueError as error:
         raise Gemma4Error(f"invalid JSON schema: {error}") from None
 
-
-def lark_grammar(lark: str) -> str:
-    return llguidance.LLMatcher.grammar_from_lark(lark)
 
 
 class ConstrainedSampler:
@@ -81,6 +77,3 @@ class ConstrainedSampler:
     def consume(self, token: int):
         # The mask allowed only this grammar's tokens, so a refusal here is a bug, not bad input.
         assert self.matcher.consume_token(token), self.matcher.get_error()
-
-    def is_accepting(self) -> bool:
-        return self.matcher.is_accepting()

@@ -66,7 +66,6 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
-    generation_tps: float = 0.0
 
 
 @dataclass
@@ -176,7 +175,7 @@ class Engine:
         sampler = settings.make_sampler() if settings.make_sampler else None
         drafter = self.draft_model if sampler is None else None
         emitted, text = [], StopStringFilter(settings.stop_strings)
-        finish_reason, response = None, None
+        finish_reason = None
         try:
             for response in stream_generate(
                 self.model, self.processor, prompt.ids[last:], max_tokens=settings.max_tokens, temp=settings.temp,
@@ -202,8 +201,7 @@ class Engine:
             # The store takes the cache back only if it holds exactly prompt + emitted tokens (see put).
             self.store.put(prompt.keys + emitted, cache)
         if finish_reason != "cancelled":
-            job.send(Finished(finish_reason or "length", len(prompt.ids), len(emitted), reused,
-                              response.generation_tps if response else 0.0))
+            job.send(Finished(finish_reason or "length", len(prompt.ids), len(emitted), reused))
 
     @staticmethod
     def piece(text: str, response, top_logprobs: Optional[int]) -> Piece:
