@@ -184,6 +184,25 @@ def test_audio_message_equals_library_generate(client, library):
     assert response.choices[0].message.content == expected_reply(library, template, 10, audio=[audio])
 
 
+def test_video_message_equals_library_generate(client, library, tmp_path):
+    import av
+
+    path = tmp_path / "clip.mov"
+    frames = np.random.default_rng(0).integers(0, 256, size=(4, 48, 64, 3), dtype=np.uint8)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("png", rate=4)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "rgb24"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    url = "data:video/quicktime;base64," + base64.b64encode(path.read_bytes()).decode()
+    messages = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
+                                             {"type": "text", "text": "What happens?"}]}]
+    response = chat(client, messages, max_tokens=8)
+    template = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]}]
+    assert response.choices[0].message.content == expected_reply(library, template, 8, video=str(path))
+
+
 def test_same_tokens_over_another_image_do_not_reuse_its_cache(client):
     text = {"type": "text", "text": "Describe."}
     for color in ((10, 200, 10), (10, 10, 200)):
