@@ -35,7 +35,7 @@ def on_cuda(monkeypatch):
 
     monkeypatch.setattr(quantized_matvec, "cuda_backend", lambda: True)
     monkeypatch.setattr(quantized_matvec, "few_row_matmul", counted)
-    monkeypatch.delenv(SWITCH, raising=False)
+    monkeypatch.setenv(SWITCH, "1")
     return calls
 
 
@@ -56,14 +56,18 @@ def test_rule_leaves_other_formats_and_float32_activations_to_mlx(on_cuda):
     assert not uses_kernel(rows_of_x(1, 256), w, scales, None, 32, 4, "mxfp4")
 
 
-def test_switch_turns_the_kernel_off(on_cuda, monkeypatch):
+def test_the_kernel_is_off_unless_switched_on(on_cuda, monkeypatch):
     w, scales, biases = quantized(32, 256, 4, 64)
-    monkeypatch.setenv(SWITCH, "0")
-    assert not uses_kernel(rows_of_x(1, 256), w, scales, biases, 64, 4, "affine")
+    for unset_or_off in (None, "0"):
+        if unset_or_off is None:
+            monkeypatch.delenv(SWITCH)
+        else:
+            monkeypatch.setenv(SWITCH, unset_or_off)
+        assert not uses_kernel(rows_of_x(1, 256), w, scales, biases, 64, 4, "affine")
 
 
 def test_cpu_backend_never_takes_the_kernel(monkeypatch):
-    monkeypatch.delenv(SWITCH, raising=False)
+    monkeypatch.setenv(SWITCH, "1")
     w, scales, biases = quantized(32, 256, 4, 64)
     with mx.stream(mx.cpu):
         assert not uses_kernel(rows_of_x(1, 256), w, scales, biases, 64, 4, "affine")
@@ -144,7 +148,8 @@ def test_each_row_is_bit_for_bit_its_one_row_product(bits, group_size, output_ro
 
 
 @gpu
-def test_kernel_runs_inside_a_compiled_function():
+def test_kernel_runs_inside_a_compiled_function(monkeypatch):
+    monkeypatch.setenv(SWITCH, "1")
     w, scales, biases = quantized(512, 1024, 4, 64)
     layer = nn.QuantizedLinear(1024, 512, bias=False, group_size=64, bits=4)
     layer.update({"weight": w, "scales": scales, "biases": biases})
