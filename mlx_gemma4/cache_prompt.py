@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from .decoding import DEFAULT_PREFILL_STEP_SIZE
-from .errors import Gemma4Error
+from .errors import Gemma4Error, command_exit_code
 from .cli import OneLineParser, add_kv_cache_arguments, kv_options
 
 
@@ -67,15 +67,7 @@ def run(args):
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except Gemma4Error as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    return command_exit_code(run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import sys
 
 from .decoding import DEFAULT_MAX_TOKENS, DEFAULT_PREFILL_STEP_SIZE
 from .draft_policy import MAX_DRAFT_TOKENS
-from .errors import Gemma4Error
+from .errors import Gemma4Error, command_exit_code
 
 PROGRAM = "mlx-gemma4"
 
@@ -197,15 +197,5 @@ def print_draft_statistics(statistics) -> None:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except Gemma4Error as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:
-        return 0
-    return 0
+    return command_exit_code(run, build_parser().parse_args(argv))
 
