@@ -102,11 +102,25 @@ def plain_matmuls(x: mx.array, rows: mx.array, transpose: bool) -> mx.array:
 
 def quantized_matmuls(keys: tuple, head_dim: int):
     bits, group_size = quantization_of(keys, head_dim)
-    return partial(quantized_rows_matmul, bits=bits, group_size=group_size)
+    product = dequantized_rows_matmul if lacks_batched_quantized_matmul() else quantized_rows_matmul
+    return partial(product, bits=bits, group_size=group_size)
+
+
+def lacks_batched_quantized_matmul() -> bool:
+    """MLX 0.32.4's CUDA backend has no quantized_matmul for a batch of quantized matrices, as every key head's block
+    is here ("No implementation for problem shape", bench/results/h200-12b-4bit-long-context-ours.json)."""
+    return mx.default_device() == mx.gpu and mx.cuda.is_available()
 
 
 def quantized_rows_matmul(x: mx.array, rows: tuple, transpose: bool, bits: int, group_size: int) -> mx.array:
     return mx.quantized_matmul(x, *rows, transpose=transpose, group_size=group_size, bits=bits)
+
+
+def dequantized_rows_matmul(x: mx.array, rows: tuple, transpose: bool, bits: int, group_size: int) -> mx.array:
+    """The same product through a dequantized copy of the block: transient, one block at a time; the cache stays
+    quantized."""
+    block = mx.dequantize(*rows, group_size=group_size, bits=bits).astype(x.dtype)
+    return plain_matmuls(x, block, transpose)
 
 
 @partial(mx.compile, shapeless=True)

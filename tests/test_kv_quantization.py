@@ -111,3 +111,18 @@ def test_a_head_size_the_group_does_not_divide_raises_our_error(checkpoint):
     _, model, processor = checkpoint
     with pytest.raises(Gemma4Error, match="cannot be quantized in groups of 128"):
         next(stream_generate(model, processor, PROMPT, max_tokens=2, kv_bits=8, kv_group_size=128))
+
+
+def test_dequantized_blocks_compute_what_quantized_matmuls_compute(checkpoint, monkeypatch):
+    """Where the backend has no batched quantized matmul (MLX's CUDA backend), each key block is dequantized first:
+    the same logits, whichever path runs."""
+    from mlx_gemma4 import attention
+
+    _, model, _ = checkpoint
+    ids = PROMPT + list(range(100, 100 + DECODED))
+    logprobs = {}
+    for lacks in (False, True):
+        monkeypatch.setattr(attention, "lacks_batched_quantized_matmul", lambda: lacks)
+        cache = model.make_cache(kv_bits=8, kv_group_size=GROUP_SIZE)
+        logprobs[lacks] = decode_logprobs(model, cache, ids, len(PROMPT), compiled=False)
+    assert np.abs(logprobs[True] - logprobs[False]).max() <= 1e-4
