@@ -268,10 +268,10 @@ def speculative_generate_step(
             layer_cache.trim(current.k - count)
         statistics.drafted += current.k
         statistics.target_passes += 1
-        statistics.emitted += len(tokens)
-        statistics.accepted += min(count, len(tokens))
-        steps = [(token, current.logprobs[index], index < count) for index, token in enumerate(tokens)]
         kept_drafts = min(count, len(tokens))
+        statistics.emitted += len(tokens)
+        statistics.accepted += kept_drafts
+        steps = [(token, current.logprobs[index], index < count) for index, token in enumerate(tokens)]
         # The kept drafts are in the caches already, each with the later kept drafts behind it.
         yield from handed_out(cache, steps[:kept_drafts], [count - index - 1 for index in range(kept_drafts)])
         produced += kept_drafts
@@ -283,8 +283,7 @@ def speculative_generate_step(
         # before the token is handed out, to run while the caller works.
         remaining = max_tokens - produced - 1
         if queued is None:
-            queued = start_round(mx.array([[tokens[-1]]]), current.hidden[:, count : count + 1],
-                                 policy.next(remaining) if remaining else 0)
+            queued = start_round(mx.array([[tokens[-1]]]), current.hidden[:, count : count + 1], policy.next(remaining))
         yield from handed_out(cache, steps[-1:], [queued.k])
         produced += 1
         if produced >= next_clear:
