@@ -120,12 +120,17 @@ def check_arguments(args) -> dict:
         raise Gemma4Error("--min-p must be in [0, 1]")
     if args.chat_template_config is None:
         return {}
+    return json_object_flag(args.chat_template_config, "--chat-template-config")
+
+
+def json_object_flag(text: str, flag: str) -> dict:
+    """A flag's value that must be a JSON object; anything else is our one-line error naming the flag."""
     try:
-        options = json.loads(args.chat_template_config)
+        options = json.loads(text)
     except json.JSONDecodeError as error:
-        raise Gemma4Error(f"--chat-template-config is not valid JSON: {error}") from None
+        raise Gemma4Error(f"{flag} is not valid JSON: {error}") from None
     if not isinstance(options, dict):
-        raise Gemma4Error("--chat-template-config must be a JSON object")
+        raise Gemma4Error(f"{flag} must be a JSON object")
     return options
 
 

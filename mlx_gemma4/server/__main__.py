@@ -1,13 +1,12 @@
 """`python -m mlx_gemma4.server --model PATH_OR_ID`: flags named as mlx-lm's server names them where it has them."""
 
 import argparse
-import json
 import os
 import sys
 import threading
 
 from ..errors import Gemma4Error
-from ..cli import OneLineParser
+from ..cli import OneLineParser, json_object_flag
 from ..decoding import DEFAULT_PREFILL_STEP_SIZE
 from ..draft_policy import MAX_DRAFT_TOKENS
 from .app import DEFAULT_MAX_TOKENS
@@ -68,13 +67,7 @@ def check_arguments(args) -> dict:
             raise Gemma4Error("--num-draft-tokens needs --draft-model")
         if not 1 <= args.num_draft_tokens <= MAX_DRAFT_TOKENS:
             raise Gemma4Error(f"--num-draft-tokens must be between 1 and {MAX_DRAFT_TOKENS}")
-    try:
-        options = json.loads(args.chat_template_args)
-    except json.JSONDecodeError as error:
-        raise Gemma4Error(f"--chat-template-args is not valid JSON: {error}") from None
-    if not isinstance(options, dict):
-        raise Gemma4Error("--chat-template-args must be a JSON object")
-    return options
+    return json_object_flag(args.chat_template_args, "--chat-template-args")
 
 
 def build_server(args, template_args: dict):
