@@ -12,6 +12,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from .decode_step import decode_step
 from .kv_cache import FullCache, kv_quantization
+from .memory_bound import PREFILL_TRANSIENT_BYTES, transient_memory_bound
 
 DEFAULT_PREFILL_STEP_SIZE = 2048
 DEFAULT_MAX_TOKENS = 256
@@ -70,19 +71,30 @@ def prefill(
                          block_ids=chunk_blocks)
         return model(prompt[None, start:end], cache=cache, logits_to_keep=1, block_ids=chunk_blocks)
 
-    with mx.stream(generation_stream):
+    with mx.stream(generation_stream), transient_memory_bound(PREFILL_TRANSIENT_BYTES) as bound:
         chunks = prefill_chunks(prompt.size, prefill_step_size, block_ids)
-        for index, (start, end) in enumerate(chunks[:-1]):
-            forward(start, end)
-            if index == 0:
-                # Room for the whole prompt at once: growing chunk by chunk would copy the buffers every time.
-                reserve_rows(cache, cache[0].offset + prompt.size - end + REPLY_ROWS_RESERVED)
-            mx.eval([c.state for c in cache])
-            mx.clear_cache()
+        evaluate_chunks(forward, chunks[:-1], cache, prompt.size, bound)
+        bound()
         token, logprobs = sample_last(forward(*chunks[-1]), sampler)
         logprobs = logprobs.squeeze(0)
-    mx.async_eval(token, logprobs)
+        # Queued while the bound holds: MLX applies the memory limit as it hands the chunk to the device.
+        mx.async_eval(token, logprobs)
     return token, logprobs
+
+
+def evaluate_chunks(forward: Callable, chunks: list, cache: list, length: int, bound: Callable):
+    """Runs forward(start, end) for each of `chunks` (pieces of a prompt of `length` tokens) into `cache`, each
+    evaluated before the next is built, its memory in flight bounded by `bound()` (memory_bound.py)."""
+    for index, (start, end) in enumerate(chunks):
+        bound()
+        forward(start, end)
+        mx.eval([c.state for c in cache])
+        if index == 0:
+            # Room for the whole prompt at once: growing chunk by chunk would copy the buffers every time. Made on
+            # its own, so that the chunk's bound is not taken up by the new buffers.
+            reserve_rows(cache, cache[0].offset + length - end + REPLY_ROWS_RESERVED)
+            mx.eval([c.state for c in cache])
+        mx.clear_cache()
 
 
 def reserve_rows(cache: list, capacity: int):

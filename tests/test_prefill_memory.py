@@ -9,6 +9,7 @@ from mlx_lm.sample_utils import make_sampler
 from mlx_gemma4 import attention
 from mlx_gemma4.decoding import prefill
 from mlx_gemma4.loading import load
+from mlx_gemma4.memory_bound import PREFILL_TRANSIENT_BYTES
 from reference_models import save_reference_checkpoint
 
 CHUNK = 128
@@ -43,3 +44,37 @@ def test_transient_prefill_memory_does_not_grow_with_depth(model, monkeypatch):
     shallow, deep = transient_prefill_bytes(model, 512), transient_prefill_bytes(model, 2048)
     print(f"transient prefill memory: {shallow / 1e6:.2f} MB at 512 tokens, {deep / 1e6:.2f} MB at 2,048")
     assert deep <= GROWTH_BOUND * shallow
+
+
+class LimitRecorder:
+    """Stands in for the model during a prefill: records the memory limit and the live memory at each chunk, then
+    runs the model (or raises at chunk `fail_at`)."""
+
+    def __init__(self, model, fail_at=None):
+        self.model, self.fail_at, self.seen = model, fail_at, []
+
+    def __call__(self, *args, **kwargs):
+        self.seen.append((mx.get_memory_limit(), mx.get_active_memory()))
+        if len(self.seen) == self.fail_at:
+            raise RuntimeError("chunk failed")
+        return self.model(*args, **kwargs)
+
+
+def test_prefill_bounds_each_chunks_memory_in_flight_and_restores_the_limit(model):
+    before = mx.get_memory_limit()
+    recorder = LimitRecorder(model)
+    prompt = mx.random.randint(10, 300, (5 * CHUNK,), key=mx.random.key(1))
+    token, _ = prefill(prompt, recorder, model.make_cache(), make_sampler(0.0), CHUNK)
+    mx.eval(token)
+    assert len(recorder.seen) == 5
+    for limit, live in recorder.seen:
+        assert live < limit <= min(before, live + PREFILL_TRANSIENT_BYTES)
+    assert mx.get_memory_limit() == before
+
+
+def test_a_failing_prefill_restores_the_memory_limit(model):
+    before = mx.get_memory_limit()
+    prompt = mx.random.randint(10, 300, (3 * CHUNK,), key=mx.random.key(2))
+    with pytest.raises(RuntimeError, match="chunk failed"):
+        prefill(prompt, LimitRecorder(model, fail_at=2), model.make_cache(), make_sampler(0.0), CHUNK)
+    assert mx.get_memory_limit() == before
