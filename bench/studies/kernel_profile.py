@@ -1,0 +1,91 @@
+"""Which GPU kernels a decoding step runs, and for how long: mlx-lm's step beside our compiled step, on the same
+weights and prompt depth, read with PyTorch's profiler (CUPTI sees every kernel in the process, MLX's included).
+
+    python bench/studies/kernel_profile.py --weights FOLDER --prompt-tokens 512,32768 --json OUT.json
+
+(FOLDER as bench.py --weights-dir writes it; CUDA only, and torch must be importable beside MLX.) For each runtime and
+depth it prints the kernels that took the most device time per step, their launches per step, and the step's total
+device time against its wall time: a step whose device time is far under its wall time waits on the host.
+"""
+
+import argparse
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import mlx.core as mx
+
+from decode_profile import forward, prefilled
+from mlx_gemma4.decode_step import decode_step
+
+TOP_KERNELS = 15
+
+
+def pipelined_steps(step, steps: int) -> float:
+    """Seconds for `steps` steps, each queued before the previous token is read, as generate_step runs."""
+    token = mx.array([7])
+    mx.eval(token)
+    start = time.perf_counter()
+    for _ in range(steps):
+        following = mx.argmax(step(token[:, None])[:, -1], axis=-1)
+        mx.async_eval(following)
+        token.item()
+        token = following
+    token.item()
+    return time.perf_counter() - start
+
+
+def kernel_times(step, steps: int) -> tuple:
+    """({kernel name: (device microseconds per step, launches per step)}, wall seconds per step)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as profiler:
+        wall = pipelined_steps(step, steps)
+    totals, counts = defaultdict(float), defaultdict(int)
+    for event in profiler.events():
+        if event.device_time_total > 0:
+            totals[event.name] += event.device_time_total
+            counts[event.name] += 1
+    return {name: (totals[name] / steps, counts[name] / steps) for name in totals}, wall / steps
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--weights", required=True)
+    parser.add_argument("--prompt-tokens", default="512")
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    from mlx_lm.utils import load_model as load_mlx_lm
+
+    from mlx_gemma4.loading import load_model
+
+    folder = Path(args.weights)
+    runtimes = [("mlx-lm", load_mlx_lm(folder)[0], forward), ("ours, compiled step", load_model(folder), decode_step)]
+    results = []
+    for depth in [int(n) for n in args.prompt_tokens.split(",")]:
+        for name, model, make_step in runtimes:
+            cache = prefilled(model, depth)
+            step = make_step(model, cache)
+            pipelined_steps(step, 8)  # compile every kernel first
+            kernels, wall = kernel_times(step, args.steps)
+            device = sum(time for time, _ in kernels.values())
+            launches = sum(count for _, count in kernels.values())
+            top = sorted(kernels.items(), key=lambda item: -item[1][0])[:TOP_KERNELS]
+            print(f"\n## {name}, depth {depth}: wall {1000 * wall:.2f} ms/step, device {device / 1000:.2f} ms/step, "
+                  f"{launches:.0f} kernels/step")
+            for kernel, (micros, count) in top:
+                print(f"  {micros:9.1f} us  {count:6.1f}x  {kernel[:150]}")
+            results.append({"runtime": name, "depth": depth, "wall_ms": 1000 * wall, "device_ms": device / 1000,
+                            "kernels_per_step": launches,
+                            "kernels": [{"name": k, "us_per_step": t, "launches_per_step": c} for k, (t, c) in top]})
+            del cache, step
+            mx.clear_cache()
+    if args.json:
+        Path(args.json).write_text(json.dumps({"command": "python bench/studies/kernel_profile.py " + " ".join(
+            argv or __import__("sys").argv[1:]), "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
