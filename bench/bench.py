@@ -67,8 +67,8 @@ def parse_args(argv=None):
     parser.add_argument("--weights-dir", help="--random with --peers: write (and keep) the weights here")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--table-bits", default="4,8", help="--kernel-table: comma list of 4 and/or 8")
-    parser.add_argument("--matvec-kernel", action="store_true",
-                        help="CUDA: our model's few-row products through our kernel (the switch MLX_GEMMA4_MATVEC=1)")
+    parser.add_argument("--no-matvec-kernel", action="store_true",
+                        help="CUDA: our model's few-row products through MLX's kernels, not ours (MLX_GEMMA4_MATVEC=0)")
     parser.add_argument("--skip-ours", action="store_true",
                         help="run the peers only, e.g. to give their long-context runs a call of their own")
     return parser.parse_args(argv)
@@ -291,8 +291,8 @@ def run_peers(bench: Bench, args, folder: Path, prompts: dict, vocab_size: int, 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.matvec_kernel:
-        os.environ[SWITCH] = "1"
+    if args.no_matvec_kernel:
+        os.environ[SWITCH] = "0"
     machine = machine_bandwidth(args.bandwidth)
     if args.kernel_table:
         return run_kernel_table(args, machine)
