@@ -108,7 +108,8 @@ def quantized_matmuls(keys: tuple, head_dim: int):
 
 def lacks_batched_quantized_matmul() -> bool:
     """MLX 0.32.4's CUDA backend has no quantized_matmul for a batch of quantized matrices, as every key head's block
-    is here ("No implementation for problem shape", bench/results/h200-12b-4bit-long-context-ours.json)."""
+    is here ("No implementation for problem shape": bench/results/h200-12b-4bit-long-context-ours.json of commit
+    9ca6ad2)."""
     return mx.default_device() == mx.gpu and mx.cuda.is_available()
 
 
