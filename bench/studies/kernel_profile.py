@@ -9,31 +9,16 @@ device time against its wall time: a step whose device time is far under its wal
 """
 
 import argparse
-import json
-import time
 from collections import defaultdict
 from pathlib import Path
 
 import mlx.core as mx
 
-from decode_profile import forward, prefilled
+from decode_profile import forward, pipelined_ms, prefilled
+from study_result import write_study_result
 from mlx_gemma4.decode_step import decode_step
 
 TOP_KERNELS = 15
-
-
-def pipelined_steps(step, steps: int) -> float:
-    """Seconds for `steps` steps, each queued before the previous token is read, as generate_step runs."""
-    token = mx.array([7])
-    mx.eval(token)
-    start = time.perf_counter()
-    for _ in range(steps):
-        following = mx.argmax(step(token[:, None])[:, -1], axis=-1)
-        mx.async_eval(following)
-        token.item()
-        token = following
-    token.item()
-    return time.perf_counter() - start
 
 
 def kernel_times(step, steps: int) -> tuple:
@@ -41,13 +26,13 @@ def kernel_times(step, steps: int) -> tuple:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as profiler:
-        wall = pipelined_steps(step, steps)
+        seconds_per_step = pipelined_ms(step, steps) / 1000
     totals, counts = defaultdict(float), defaultdict(int)
     for event in profiler.events():
         if event.device_time_total > 0:
             totals[event.name] += event.device_time_total
             counts[event.name] += 1
-    return {name: (totals[name] / steps, counts[name] / steps) for name in totals}, wall / steps
+    return {name: (totals[name] / steps, counts[name] / steps) for name in totals}, seconds_per_step
 
 
 def main(argv=None):
@@ -68,7 +53,7 @@ def main(argv=None):
         for name, model, make_step in runtimes:
             cache = prefilled(model, depth)
             step = make_step(model, cache)
-            pipelined_steps(step, 8)  # compile every kernel first
+            pipelined_ms(step, 8)  # compile every kernel first
             kernels, wall = kernel_times(step, args.steps)
             device = sum(time for time, _ in kernels.values())
             launches = sum(count for _, count in kernels.values())
@@ -83,8 +68,7 @@ def main(argv=None):
             del cache, step
             mx.clear_cache()
     if args.json:
-        Path(args.json).write_text(json.dumps({"command": "python bench/studies/kernel_profile.py " + " ".join(
-            argv or __import__("sys").argv[1:]), "results": results}, indent=1))
+        write_study_result(args.json, "kernel_profile.py", argv, results)
 
 
 if __name__ == "__main__":

@@ -7,15 +7,14 @@ cache, the kernel switched on and off in turns, each turn tracing the step anew.
 """
 
 import argparse
-import json
 import os
 import statistics
-import sys
 from pathlib import Path
 
 import mlx.core as mx
 
 from decode_profile import pipelined_ms, prefilled
+from study_result import write_study_result
 from mlx_gemma4.decode_step import decode_step
 from mlx_gemma4.quantized_matvec import SWITCH
 
@@ -55,9 +54,7 @@ def main(argv=None):
         rows.append({"variant": name, "ms_median": median, "ms_min": min(times), "ms_max": max(times), "ms": times})
         print(f"| {name} | {median:.2f} ({min(times):.2f}-{max(times):.2f}) | {1000 / median:.1f} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "command": "python bench/studies/matvec_decode_ab.py " + " ".join(argv or sys.argv[1:]),
-            "device": str(mx.default_device()), "mlx": mx.__version__, "rows": rows}, indent=1))
+        write_study_result(args.json, "matvec_decode_ab.py", argv, rows)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,7 @@ prefill time of one prompt at each budget, the budgets taking turns so that a dr
 """
 
 import argparse
-import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm.sample_utils import make_sampler
 
+from study_result import write_study_result
 from mlx_gemma4 import decoding
 
 UNBOUNDED = 1 << 62
@@ -69,9 +68,7 @@ def main(argv=None):
         print(f"| {name} | {row['seconds_median']:.2f} ({min(seconds):.2f}-{max(seconds):.2f}) "
               f"| {row['peak_bytes'] / 1e9:.2f} | {row['transient_bytes'] / 1e9:.2f} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({
-            "command": "python bench/studies/prefill_memory_bound.py " + " ".join(argv or sys.argv[1:]),
-            "device": str(mx.default_device()), "mlx": mx.__version__, "rows": rows}, indent=1))
+        write_study_result(args.json, "prefill_memory_bound.py", argv, rows)
 
 
 if __name__ == "__main__":
