@@ -9,11 +9,15 @@ import gc
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
+
+from mlx_gemma4 import quantized_matvec
 
 
 def process_rss_bytes() -> int:
@@ -98,5 +102,21 @@ def log(message: str):
 
 
 def environment() -> dict:
+    """What a result depends on beyond its command: versions, the device, the code, and whether our few-row kernel
+    took the decoding products (a switch read from the environment, so the command alone does not say)."""
     return {"mlx": mx.__version__, "device": str(mx.default_device()), "python": sys.version.split()[0],
-            "platform": sys.platform, "cpu_count": os.cpu_count()}
+            "platform": sys.platform, "cpu_count": os.cpu_count(), "commit": source_commit(),
+            "few_row_kernel": quantized_matvec.switched_on() and quantized_matvec.cuda_backend()}
+
+
+def source_commit():
+    """The repository's commit, with "+changes" when the tree differs from it; None where there is no git history
+    (a copy of the tree, as on a lent GPU machine)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        changes = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                 capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit.stdout.strip() + ("+changes" if changes.stdout.strip() else "")
