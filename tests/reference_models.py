@@ -96,21 +96,25 @@ def build_reference_model(text_overrides=None, vision=True, audio=True, seed=0, 
     return model
 
 
+# Characters of the training text that get tokens of their own (the rest fall back to bytes).
+ALPHABET_SIZE = 40
+
+
 def save_tokenizer(folder: Path, vocab_size: int, special_tokens=SPECIAL_TOKENS, chat_template=CHAT_TEMPLATE):
-    """A byte-fallback BPE tokenizer shaped like Gemma's (SentencePiece-style ▁ spaces), `vocab_size` entries."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    """A byte-fallback BPE tokenizer shaped like Gemma's (SentencePiece-style ▁ spaces), `vocab_size` entries, the
+    same in every process (deterministic_bpe)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
-    tokenizer.normalizer = normalizers.Replace(" ", "▁")
-    tokenizer.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
+    normalizer = normalizers.Replace(" ", "▁")
+    pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
+    words = [word for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(TRAINING_TEXT))]
+    vocab, merges = deterministic_bpe(words, special_tokens + BYTE_TOKENS, vocab_size)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True))
+    tokenizer.normalizer = normalizer
+    tokenizer.pre_tokenizer = pre_tokenizer
     tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=special_tokens + BYTE_TOKENS, show_progress=False,
-        initial_alphabet=[], limit_alphabet=40,
-    )
-    tokenizer.train_from_iterator([TRAINING_TEXT], trainer=trainer)
-    assert tokenizer.get_vocab_size() <= vocab_size
+    tokenizer.add_special_tokens(special_tokens)
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
         additional_special_tokens=special_tokens[5:],
@@ -118,6 +122,45 @@ def save_tokenizer(folder: Path, vocab_size: int, special_tokens=SPECIAL_TOKENS,
     wrapped.chat_template = chat_template
     wrapped.save_pretrained(str(folder))
     return wrapped
+
+
+def deterministic_bpe(words: list, first_tokens: list, vocab_size: int) -> tuple:
+    """({token: id}, merges) learned from `words` by byte-pair encoding, ties always broken by the pair's text:
+    the `tokenizers` trainer breaks them in its hash maps' order, which changes from process to process, and so did
+    every fixture tokenizer's vocabulary (and every generated text with it)."""
+    counts = {}
+    for word in words:
+        counts[word] = counts.get(word, 0) + 1
+    characters = {}
+    for word, count in counts.items():
+        for character in word:
+            characters[character] = characters.get(character, 0) + count
+    alphabet = sorted(sorted(characters, key=lambda c: (-characters[c], c))[:ALPHABET_SIZE])
+    vocab = {token: index for index, token in enumerate(first_tokens + alphabet)}
+    pieces = {word: [c if c in vocab else None for c in word] for word in counts}
+    merges = []
+    while len(vocab) < vocab_size:
+        pairs = {}
+        for word, symbols in pieces.items():
+            for a, b in zip(symbols, symbols[1:]):
+                if a is not None and b is not None:
+                    pairs[a, b] = pairs.get((a, b), 0) + counts[word]
+        if not pairs:
+            break
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        vocab[best[0] + best[1]] = len(vocab)
+        for word, symbols in pieces.items():
+            merged, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    merged.append(best[0] + best[1])
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            pieces[word] = merged
+    return vocab, merges
 
 
 def special_token_ids(folder: Path) -> dict:

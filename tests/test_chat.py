@@ -17,18 +17,22 @@ def checkpoint(tmp_path_factory):
 
 
 def chat_session(folder, lines: list, *flags) -> list:
-    """The replies, one per line typed."""
+    """The replies, one per line typed: what was written between one prompt for input and the next, less the line
+    end the chat puts after each reply (a reply may hold line ends of its own)."""
     args = build_parser().parse_args(["--model", str(folder), "--max-tokens", "10", *flags])
-    typed, written = iter(lines), []
+    typed, turns = iter(lines), []
 
     def read_line(_prompt):
+        turns.append([])
         try:
             return next(typed)
         except StopIteration:
             raise EOFError from None
 
-    run(args, read_line=read_line, write=written.append)
-    return "".join(written).split("\n")[:-1]
+    run(args, read_line=read_line, write=lambda text: turns[-1].append(text))
+    replies = ["".join(turn) for turn in turns if turn]
+    assert all(reply.endswith("\n") for reply in replies)
+    return [reply[:-1] for reply in replies]
 
 
 def test_each_turn_answers_as_the_library_does_on_the_whole_conversation(checkpoint):
