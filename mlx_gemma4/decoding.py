@@ -63,14 +63,7 @@ def prefill(
     """Runs `prompt` (1-D token ids) through `model` into `cache`, chunk by chunk, and queues the first token: returns
     (token (1,), log-probabilities (vocab,)), not yet evaluated. `input_embeddings` (1, length, hidden) replaces the
     token embeddings (multimodal prompts); `block_ids` (1, length) marks vision blocks for their attention mask."""
-
-    def forward(start: int, end: int):
-        chunk_blocks = None if block_ids is None else block_ids[:, start:end]
-        if input_embeddings is not None:
-            return model(cache=cache, input_embeddings=input_embeddings[:, start:end], logits_to_keep=1,
-                         block_ids=chunk_blocks)
-        return model(prompt[None, start:end], cache=cache, logits_to_keep=1, block_ids=chunk_blocks)
-
+    forward = chunk_forward(model, cache, prompt, input_embeddings, block_ids)
     with mx.stream(generation_stream), transient_memory_bound(PREFILL_TRANSIENT_BYTES) as bound:
         chunks = prefill_chunks(prompt.size, prefill_step_size, block_ids)
         evaluate_chunks(forward, chunks[:-1], cache, prompt.size, bound)
@@ -80,6 +73,21 @@ def prefill(
         # Queued while the bound holds: MLX applies the memory limit as it hands the chunk to the device.
         mx.async_eval(token, logprobs)
     return token, logprobs
+
+
+def chunk_forward(model, cache: list, ids: mx.array, input_embeddings: Optional[mx.array] = None,
+                  block_ids: Optional[mx.array] = None) -> Callable:
+    """forward(start, end): `model` over positions start:end of a prompt (1-D `ids`, or its `input_embeddings`) into
+    `cache`, returning the last position's logits."""
+
+    def forward(start: int, end: int):
+        chunk_blocks = None if block_ids is None else block_ids[:, start:end]
+        if input_embeddings is not None:
+            return model(cache=cache, input_embeddings=input_embeddings[:, start:end], logits_to_keep=1,
+                         block_ids=chunk_blocks)
+        return model(ids[None, start:end], cache=cache, logits_to_keep=1, block_ids=chunk_blocks)
+
+    return forward
 
 
 def evaluate_chunks(forward: Callable, chunks: list, cache: list, length: int, bound: Callable):

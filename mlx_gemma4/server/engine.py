@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import mlx.core as mx
 
 from ..errors import Gemma4Error
-from ..decoding import DEFAULT_PREFILL_STEP_SIZE, evaluate_chunks, generation_stream, prefill_chunks
+from ..decoding import DEFAULT_PREFILL_STEP_SIZE, chunk_forward, evaluate_chunks, generation_stream, prefill_chunks
 from ..memory_bound import PREFILL_TRANSIENT_BYTES, transient_memory_bound
 from ..generation import stream_generate
 from .prompt_cache_store import PromptCacheStore, snapshot
@@ -155,17 +155,8 @@ class Engine:
 
     def prefill(self, cache: list, prompt: Prompt, start: int, end: int):
         blocks = None if prompt.block_ids is None else prompt.block_ids[:, start:end]
-
-        def forward(chunk_start: int, chunk_end: int):
-            first, last = start + chunk_start, start + chunk_end
-            chunk_blocks = None if blocks is None else blocks[:, chunk_start:chunk_end]
-            if prompt.embeddings is not None:
-                self.model(cache=cache, input_embeddings=prompt.embeddings[:, first:last], logits_to_keep=1,
-                           block_ids=chunk_blocks)
-            else:
-                self.model(mx.array(prompt.ids[first:last])[None], cache=cache, logits_to_keep=1,
-                           block_ids=chunk_blocks)
-
+        embeddings = None if prompt.embeddings is None else prompt.embeddings[:, start:end]
+        forward = chunk_forward(self.model, cache, mx.array(prompt.ids[start:end]), embeddings, blocks)
         with mx.stream(generation_stream), transient_memory_bound(PREFILL_TRANSIENT_BYTES) as bound:
             chunks = prefill_chunks(end - start, self.prefill_step_size, blocks)
             evaluate_chunks(forward, chunks, cache, end - start, bound)
