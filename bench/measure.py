@@ -17,7 +17,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from mlx_gemma4 import quantized_matvec
+from mlx_gemma4 import cuda_backend, decode_attention, quantized_matvec
 
 
 def process_rss_bytes() -> int:
@@ -102,11 +102,14 @@ def log(message: str):
 
 
 def environment() -> dict:
-    """What a result depends on beyond its command: versions, the device, the code, and whether our few-row kernel
-    took the decoding products (a switch read from the environment, so the command alone does not say)."""
+    """What a result depends on beyond its command: versions, the device, the code, and whether our CUDA kernels
+    took the decoding products and attention (switches read from the environment, so the command alone does not
+    say)."""
+    on_cuda = cuda_backend.cuda_backend()
     return {"mlx": mx.__version__, "device": str(mx.default_device()), "python": sys.version.split()[0],
             "platform": sys.platform, "cpu_count": os.cpu_count(), "commit": source_commit(),
-            "few_row_kernel": quantized_matvec.switched_on() and quantized_matvec.cuda_backend()}
+            "few_row_kernel": on_cuda and cuda_backend.switched_on(quantized_matvec.SWITCH),
+            "decode_attention_kernel": on_cuda and cuda_backend.switched_on(decode_attention.SWITCH)}
 
 
 def source_commit():

@@ -8,7 +8,8 @@ weighted value sum per query, rescaled as each block raises the maximum. The res
 the transient memory is one block's scores whatever the depth.
 
 Keys and values may also be quantized (kv_cache.py holds them as mx.quantize's (packed, scales, biases) triples);
-their scores are then quantized matmuls, blockwise or not. The call site does not know which path ran.
+their scores are then quantized matmuls, blockwise or not. One query per head (a decoding step) goes to
+decode_attention.py's CUDA kernels where its rule allows. The call site does not know which path ran.
 """
 
 from functools import partial
@@ -16,6 +17,7 @@ from typing import Optional
 
 import mlx.core as mx
 
+from . import decode_attention
 from .attention_mask import PositionMask
 from .kv_cache import Rows, is_quantized, quantization_of, row_count, take_rows
 
@@ -34,6 +36,11 @@ def scaled_dot_product_attention(queries: mx.array, keys: Rows, values: Rows, ma
     attention_mask.PositionMask."""
     batch, heads, length, _ = queries.shape
     total = row_count(keys)
+    if length == 1:
+        # One query sees every key of a causal mask: the newest key is its own.
+        one_query_mask = mask(total) if isinstance(mask, PositionMask) else None if isinstance(mask, str) else mask
+        if decode_attention.uses_kernel(queries, keys, one_query_mask):
+            return decode_attention.attention(queries, keys, values, one_query_mask)
     block = max(1, SCORES_PER_BLOCK // (batch * heads * length))
     if total <= block and not is_quantized(keys):
         full_mask = mask(total) if isinstance(mask, PositionMask) else mask

@@ -12,6 +12,7 @@ from .attention import scaled_dot_product_attention
 from .attention_mask import PositionMask
 from .config import FULL, SLIDING, TextConfig
 from .errors import Gemma4Error
+from .fused_norms import normalized_heads, query_key_value, residual_then_norm, scaled_residual
 from .kv_cache import FullCache, KVQuantization, WindowCache
 
 
@@ -58,6 +59,9 @@ class RotaryEmbedding(nn.Module):
             x, self.head_dim, traditional=False, base=None, scale=1.0, offset=offset, freqs=self._wavelengths
         )
 
+    def wavelengths(self) -> mx.array:
+        return self._wavelengths
+
 
 class Attention(nn.Module):
     FUSED = "qkv"  # the stacked projection that may replace q_proj, k_proj and v_proj (fuse_qkv)
@@ -67,7 +71,7 @@ class Attention(nn.Module):
         self.kind = config.layer_types[layer_index]
         self.head_dim = config.layer_head_dims[layer_index]
         self.num_heads = config.num_attention_heads
-        num_kv_heads = config.layer_kv_heads[layer_index]
+        self.num_kv_heads = num_kv_heads = config.layer_kv_heads[layer_index]
         sharing = config.kv_sharing_modes[layer_index]
         self.reuses_kv = sharing == "reuse"
         self.stores_kv = sharing == "store"
@@ -120,18 +124,23 @@ class Attention(nn.Module):
 
     def __call__(self, x, mask, cache, offset: int, shared_kv: dict):
         batch, length, _ = x.shape
-        projected = self.project(x)
-        queries = self.q_norm(projected["q_proj"].reshape(batch, length, -1, self.head_dim))
-        queries = self.rope(queries.transpose(0, 2, 1, 3), offset)
+        if "qkv" in self and not self.reuses_kv:
+            # One kernel for the heads' norms and rotations where fused_norms' rule allows.
+            queries, keys, values = query_key_value(
+                self.qkv(x), self.num_heads, self.num_kv_heads, self.head_dim, self.keys_are_values,
+                self.q_norm.weight, self.k_norm.weight, self.rope.wavelengths(), offset, self.eps, self.rope)
+        else:
+            projected = self.project(x)
+            shape = (batch, length, -1, self.head_dim)
+            raw_keys = None if self.reuses_kv else projected["k_proj"].reshape(shape)
+            raw_values = raw_keys if self.reuses_kv or self.keys_are_values else projected["v_proj"].reshape(shape)
+            queries, keys, values = normalized_heads(
+                projected["q_proj"].reshape(shape), raw_keys, raw_values, self.q_norm.weight,
+                None if self.reuses_kv else self.k_norm.weight, offset, self.eps, self.rope)
 
         if self.reuses_kv:
             keys, values = shared_kv[self.kind]
         else:
-            raw_keys = projected["k_proj"].reshape(batch, length, -1, self.head_dim)
-            raw_values = raw_keys if self.keys_are_values else projected["v_proj"].reshape(
-                batch, length, -1, self.head_dim)
-            keys = self.rope(self.k_norm(raw_keys).transpose(0, 2, 1, 3), offset)
-            values = rms_norm_without_scale(raw_values, self.eps).transpose(0, 2, 1, 3)
             if cache is not None:
                 keys, values = cache.update_and_fetch(keys, values)
             if self.stores_kv:
@@ -266,9 +275,13 @@ class DecoderLayer(nn.Module):
         self.layer_scalar = mx.ones((1,))
 
     def __call__(self, x, mask, cache, offset: int, shared_kv: dict):
-        h = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), mask, cache, offset, shared_kv))
-        out = h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
-        return out * self.layer_scalar
+        # h = x + norm(attention), then the MLP's input norm(h), and (h + norm(MLP)) * scalar: one kernel each
+        # where fused_norms' rule allows.
+        attended = self.self_attn(self.input_layernorm(x), mask, cache, offset, shared_kv)
+        h, normed = residual_then_norm(x, attended, self.post_attention_layernorm.weight,
+                                       self.pre_feedforward_layernorm.weight, self.input_layernorm.eps)
+        return scaled_residual(h, self.mlp(normed), self.post_feedforward_layernorm.weight, self.layer_scalar,
+                               self.input_layernorm.eps)
 
 
 class TextModel(nn.Module):

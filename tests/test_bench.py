@@ -151,13 +151,16 @@ def test_quality_study_scores_dequantized_weights_that_compute_the_quantized_mod
     assert mx.abs(plain(ids) - quantized(ids)).max().item() < 1e-4
 
 
-def test_results_say_which_code_made_them_and_whether_the_few_row_kernel_ran(results, monkeypatch):
+def test_results_say_which_code_made_them_and_whether_our_kernels_ran(results, monkeypatch):
     from measure import environment
 
     assert results["environment"]["few_row_kernel"] is False  # this CPU: MLX's own products
-    monkeypatch.setattr("mlx_gemma4.quantized_matvec.cuda_backend", lambda: True)
-    assert environment()["few_row_kernel"] is True
+    assert results["environment"]["decode_attention_kernel"] is False
+    monkeypatch.setattr("mlx_gemma4.cuda_backend.cuda_backend", lambda: True)
+    assert environment()["few_row_kernel"] is True and environment()["decode_attention_kernel"] is True
     monkeypatch.setenv("MLX_GEMMA4_MATVEC", "0")
-    assert environment()["few_row_kernel"] is False
+    assert environment()["few_row_kernel"] is False and environment()["decode_attention_kernel"] is True
+    monkeypatch.setenv("MLX_GEMMA4_DECODE_ATTENTION", "0")
+    assert environment()["decode_attention_kernel"] is False
     commit = results["environment"]["commit"]
     assert commit is None or len(commit.split("+")[0]) == 40

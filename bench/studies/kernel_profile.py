@@ -18,7 +18,6 @@ from decode_profile import forward, pipelined_ms, prefilled
 from study_result import write_study_result
 from mlx_gemma4.decode_step import decode_step
 
-TOP_KERNELS = 15
 
 
 def kernel_times(step, steps: int) -> tuple:
@@ -40,6 +39,8 @@ def main(argv=None):
     parser.add_argument("--weights", required=True)
     parser.add_argument("--prompt-tokens", default="512")
     parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--top", type=int, default=15, help="kernels listed per step, most device time first")
+    parser.add_argument("--ours-only", action="store_true", help="leave mlx-lm out")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     from mlx_lm.utils import load_model as load_mlx_lm
@@ -47,7 +48,9 @@ def main(argv=None):
     from mlx_gemma4.loading import load_model
 
     folder = Path(args.weights)
-    runtimes = [("mlx-lm", load_mlx_lm(folder)[0], forward), ("ours, compiled step", load_model(folder), decode_step)]
+    runtimes = [("ours, compiled step", load_model(folder), decode_step)]
+    if not args.ours_only:
+        runtimes.insert(0, ("mlx-lm", load_mlx_lm(folder)[0], forward))
     results = []
     for depth in [int(n) for n in args.prompt_tokens.split(",")]:
         for name, model, make_step in runtimes:
@@ -57,7 +60,7 @@ def main(argv=None):
             kernels, wall = kernel_times(step, args.steps)
             device = sum(time for time, _ in kernels.values())
             launches = sum(count for _, count in kernels.values())
-            top = sorted(kernels.items(), key=lambda item: -item[1][0])[:TOP_KERNELS]
+            top = sorted(kernels.items(), key=lambda item: -item[1][0])[: args.top]
             print(f"\n## {name}, depth {depth}: wall {1000 * wall:.2f} ms/step, device {device / 1000:.2f} ms/step, "
                   f"{launches:.0f} kernels/step")
             for kernel, (micros, count) in top:

@@ -1,9 +1,11 @@
-"""Does the few-row kernel (quantized_matvec.py) make our compiled decoding step faster? One model, one prefilled
-cache, the kernel switched on and off in turns, each turn tracing the step anew.
+"""Do our CUDA kernels make the compiled decoding step faster? One model, one prefilled cache, every kernel on and
+then each one switched off by its environment variable, in turns, each turn tracing the step anew.
 
-    python bench/studies/matvec_decode_ab.py --weights FOLDER --prompt-tokens 512 --rounds 4 --json OUT
+    python bench/studies/kernel_switch_ab.py --weights FOLDER --prompt-tokens 512 --rounds 4 --json OUT
 
-(FOLDER as bench.py --weights-dir writes it; CUDA only, where the switch has an effect.)
+(FOLDER as bench.py --weights-dir writes it; CUDA only, where the switches have an effect. --switches names the
+variables, by default MLX_GEMMA4_MATVEC (quantized_matvec.py), MLX_GEMMA4_DECODE_ATTENTION (decode_attention.py)
+and MLX_GEMMA4_FUSED_NORMS (fused_norms.py); "all" adds a turn with every one of them off.)
 """
 
 import argparse
@@ -11,16 +13,17 @@ import os
 import statistics
 from pathlib import Path
 
-import mlx.core as mx
-
 from decode_profile import pipelined_ms, prefilled
 from study_result import write_study_result
+from mlx_gemma4 import decode_attention, fused_norms, quantized_matvec
 from mlx_gemma4.decode_step import decode_step
-from mlx_gemma4.quantized_matvec import SWITCH
+
+SWITCHES = [quantized_matvec.SWITCH, decode_attention.SWITCH, fused_norms.SWITCH]
 
 
-def step_with_kernel(model, cache, on: bool):
-    os.environ[SWITCH] = "1" if on else "0"
+def step_with(model, cache, switched_off: tuple):
+    for switch in SWITCHES:
+        os.environ[switch] = "0" if switch in switched_off else "1"
     model.compiled_steps.functions.clear()  # a trace keeps the path it was made with
     model.compiled_steps.traced.clear()
     return decode_step(model, cache)
@@ -32,19 +35,23 @@ def main(argv=None):
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--switches", default=",".join(SWITCHES + ["all"]))
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     from mlx_gemma4.loading import load_model
 
     model = load_model(Path(args.weights))
     cache = prefilled(model, args.prompt_tokens)
-    variants = {"kernel off": False, "kernel on": True}
-    for on in variants.values():  # compile each path's kernels first
-        pipelined_ms(step_with_kernel(model, cache, on), 8)
+    variants = {"every kernel on": ()}
+    for switch in args.switches.split(","):
+        variants["every kernel off" if switch == "all" else f"{switch}=0"] = (
+            tuple(SWITCHES) if switch == "all" else (switch,))
+    for off in variants.values():  # compile each path's kernels first
+        pipelined_ms(step_with(model, cache, off), 8)
     timings = {name: [] for name in variants}
     for _ in range(args.rounds):
-        for name, on in variants.items():
-            step = step_with_kernel(model, cache, on)
+        for name, off in variants.items():
+            step = step_with(model, cache, off)
             pipelined_ms(step, 4)  # the trace
             timings[name].append(pipelined_ms(step, args.steps))
     rows = []
@@ -54,7 +61,7 @@ def main(argv=None):
         rows.append({"variant": name, "ms_median": median, "ms_min": min(times), "ms_max": max(times), "ms": times})
         print(f"| {name} | {median:.2f} ({min(times):.2f}-{max(times):.2f}) | {1000 / median:.1f} |")
     if args.json:
-        write_study_result(args.json, "matvec_decode_ab.py", argv, rows)
+        write_study_result(args.json, "kernel_switch_ab.py", argv, rows)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,320 @@
+"""A decoding step's norms, residual sums and rotary embeddings as three CUDA kernels instead of ~15 MLX operations
+a layer.
+
+Around its four products a Gemma 4 layer normalises the queries, keys and values head by head, rotates the queries
+and keys, and normalises and adds each sublayer's output into the residual stream: on MLX's CUDA backend each is a
+kernel of its own, and for one token each costs the host a launch and the GPU a few microseconds for a few KB.
+Here, for at most MAX_ROWS tokens:
+
+- `query_key_value`: the fused q/k/v projection's output -> normalised, rotated queries and keys and normalised
+  values, in the (batch, heads, tokens, head size) layout attention takes.
+- `residual_then_norm`: h = x + norm(a); and norm'(h), the next sublayer's input.
+- `scaled_residual`: (h + norm(m)) * layer scalar.
+
+Each rounds where the MLX operations round (mx.fast.rms_norm: x times the normaliser, rounded, times the weight,
+rounded; sums and products rounded to the activations' dtype), summing in float32. Each function runs the MLX
+operations instead where the rule says no: the CPU, Metal, prompt chunks, the switch off.
+"""
+
+from functools import lru_cache
+from typing import Optional, Union
+
+import mlx.core as mx
+
+from .cuda_backend import cuda_backend, switched_on
+
+SWITCH = "MLX_GEMMA4_FUSED_NORMS"  # "0" turns the kernels off (A/B runs)
+MAX_ROWS = 16
+ACTIVATION_DTYPES = (mx.bfloat16, mx.float16)
+ROW_THREADS = 512  # threads normalising one row of the residual stream
+
+HEADER = r"""
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+template <typename T> struct element_of;
+template <typename T> struct element_of<const T*> { using type = T; };
+
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(float v) { return v; }
+// v rounded to T and back: where the MLX operations hand a T to the next one.
+__device__ __forceinline__ float rounded(float v, __nv_bfloat16) { return __bfloat162float(__float2bfloat16_rn(v)); }
+__device__ __forceinline__ float rounded(float v, __half) { return __half2float(__float2half_rn(v)); }
+__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+  #pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, offset);
+  return v;
+}
+
+// The sum of v over the block (ROW_THREADS threads), handed to every thread.
+template <int THREADS>
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+  v = warp_sum(v);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();  // scratch may still be read by an earlier call
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float total = 0.0f;
+  #pragma unroll
+  for (int w = 0; w < THREADS / 32; ++w) total += scratch[w];
+  return total;
+}
+"""
+
+# One warp per (token, head): jobs 0..H-1 the query heads, then KVH key heads, then KVH value heads. Lane l holds
+# numbers l * HALF .. of each half of the head, the pairs RoPE turns together (mx.fast.rope, traditional=False).
+QKV_SOURCE = r"""
+  constexpr int HALF = D / 64;
+  constexpr int JOBS = H + 2 * KVH;
+  using T = typename element_of<decltype(qkv)>::type;
+  const int lane = threadIdx.x & 31;
+  const int job = blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
+  const int tokens = qkv_shape[0], width = qkv_shape[1];
+  if (job >= JOBS * tokens) return;
+  const int token = job / JOBS, j = job % JOBS;
+  int source;
+  const T* weight = nullptr;
+  T* out;
+  if (j < H) {
+    source = j * D;
+    weight = q_weight;
+    out = queries + ((size_t)j * tokens + token) * D;
+  } else if (j < H + KVH) {
+    source = j * D;
+    weight = k_weight;
+    out = keys + ((size_t)(j - H) * tokens + token) * D;
+  } else {
+    const int head = j - H - KVH;
+    source = (KEYS_ARE_VALUES ? H + head : H + KVH + head) * D;
+    out = values + ((size_t)head * tokens + token) * D;
+  }
+  const T* in = qkv + (size_t)token * width + source;
+  float a[HALF], b[HALF];
+  float squares = 0.0f;
+  #pragma unroll
+  for (int i = 0; i < HALF; ++i) {
+    a[i] = to_float(in[lane * HALF + i]);
+    b[i] = to_float(in[D / 2 + lane * HALF + i]);
+    squares = fmaf(a[i], a[i], fmaf(b[i], b[i], squares));
+  }
+  const float normalizer = rsqrtf(warp_sum(squares) / D + EPS);
+  #pragma unroll
+  for (int i = 0; i < HALF; ++i) {
+    a[i] = rounded(a[i] * normalizer, T());
+    b[i] = rounded(b[i] * normalizer, T());
+    if (weight != nullptr) {
+      a[i] = rounded(to_float(weight[lane * HALF + i]) * a[i], T());
+      b[i] = rounded(to_float(weight[D / 2 + lane * HALF + i]) * b[i], T());
+    }
+  }
+  if (j < H + KVH) {
+    const float position = float(offset[0] + token);
+    #pragma unroll
+    for (int i = 0; i < HALF; ++i) {
+      const float inverse = 1.0 / wavelengths[lane * HALF + i];  // as mx.fast.rope: 1 / freqs in double
+      const float theta = position * inverse;
+      const float c = cos(theta), s = sin(theta);
+      const float x1 = a[i], x2 = b[i];
+      a[i] = x1 * c - x2 * s;
+      b[i] = x1 * s + x2 * c;
+    }
+  }
+  #pragma unroll
+  for (int i = 0; i < HALF; ++i) {
+    store(out + lane * HALF + i, a[i]);
+    store(out + D / 2 + lane * HALF + i, b[i]);
+  }
+"""
+
+# One block per token; thread t holds numbers t, t + ROW_THREADS, ... of the row (N of them). Everything a block
+# reads is asked for first (NORM_LOADS, then a kernel's own weights), so that it waits on memory once.
+NORM_LOADS = r"""
+  constexpr int PER_THREAD = (N + ROW_THREADS - 1) / ROW_THREADS;
+  using T = typename element_of<decltype(x)>::type;
+  __shared__ float scratch[ROW_THREADS / 32];
+  const size_t row = (size_t)blockIdx.x * N;
+  float h[PER_THREAD], v[PER_THREAD], w[PER_THREAD];
+  #pragma unroll
+  for (int i = 0; i < PER_THREAD; ++i) {
+    const int n = threadIdx.x + i * ROW_THREADS;
+    const bool inside = n < N;
+    v[i] = inside ? to_float(addend[row + n]) : 0.0f;
+    h[i] = inside ? to_float(x[row + n]) : 0.0f;
+    w[i] = inside ? to_float(addend_weight[n]) : 0.0f;
+  }
+"""
+
+# h = x + norm(addend), rounded where the MLX operations round.
+RESIDUAL = r"""
+  float squares = 0.0f;
+  #pragma unroll
+  for (int i = 0; i < PER_THREAD; ++i) squares = fmaf(v[i], v[i], squares);
+  float normalizer = rsqrtf(block_sum<ROW_THREADS>(squares, scratch) / N + EPS);
+  #pragma unroll
+  for (int i = 0; i < PER_THREAD; ++i) h[i] = rounded(h[i] + rounded(w[i] * rounded(v[i] * normalizer, T()), T()), T());
+"""
+
+RESIDUAL_THEN_NORM_SOURCE = NORM_LOADS + r"""
+  float w2[PER_THREAD];
+  #pragma unroll
+  for (int i = 0; i < PER_THREAD; ++i) {
+    const int n = threadIdx.x + i * ROW_THREADS;
+    w2[i] = n < N ? to_float(norm_weight[n]) : 0.0f;
+  }
+""" + RESIDUAL + r"""
+  squares = 0.0f;
+  #pragma unroll
+  for (int i = 0; i < PER_THREAD; ++i) squares = fmaf(h[i], h[i], squares);
+  normalizer = rsqrtf(block_sum<ROW_THREADS>(squares, scratch) / N + EPS);
+  #pragma unroll
+  for (int i = 0; i < PER_THREAD; ++i) {
+    const int n = threadIdx.x + i * ROW_THREADS;
+    if (n < N) {
+      store(residual + row + n, h[i]);
+      store(normed + row + n, w2[i] * rounded(h[i] * normalizer, T()));
+    }
+  }
+"""
+
+SCALED_RESIDUAL_SOURCE = NORM_LOADS + r"""
+  const float factor = to_float(scalar[0]);
+""" + RESIDUAL + r"""
+  #pragma unroll
+  for (int i = 0; i < PER_THREAD; ++i) {
+    const int n = threadIdx.x + i * ROW_THREADS;
+    if (n < N) store(out + row + n, h[i] * factor);
+  }
+"""
+
+
+def compact(source: str) -> str:
+    """The source without comments and indentation: MLX hashes the whole string at every launch."""
+    lines = (line.split("//")[0].strip() for line in source.splitlines())
+    return "\n".join(line for line in lines if line)
+
+
+def header(eps: float) -> str:
+    # The norms' epsilon is a constant of the model: part of the source, like the template ints.
+    return compact(HEADER) + f"\n#define EPS {eps:.9e}f\n#define ROW_THREADS {ROW_THREADS}\n"
+
+
+@lru_cache(maxsize=None)
+def qkv_kernel(eps: float):
+    return mx.fast.cuda_kernel(
+        name="gemma4_qkv_heads",
+        input_names=["qkv", "q_weight", "k_weight", "wavelengths", "offset"],
+        output_names=["queries", "keys", "values"],
+        source=compact(QKV_SOURCE),
+        header=header(eps),
+    )
+
+
+@lru_cache(maxsize=None)
+def residual_then_norm_kernel(eps: float):
+    return mx.fast.cuda_kernel(
+        name="gemma4_residual_then_norm",
+        input_names=["x", "addend", "addend_weight", "norm_weight"],
+        output_names=["residual", "normed"],
+        source=compact(RESIDUAL_THEN_NORM_SOURCE),
+        header=header(eps),
+    )
+
+
+@lru_cache(maxsize=None)
+def scaled_residual_kernel(eps: float):
+    return mx.fast.cuda_kernel(
+        name="gemma4_scaled_residual",
+        input_names=["x", "addend", "addend_weight", "scalar"],
+        output_names=["out"],
+        source=compact(SCALED_RESIDUAL_SOURCE),
+        header=header(eps),
+    )
+
+
+def uses_kernels(x: mx.array) -> bool:
+    """The rule: the CUDA backend, the switch not off, 16-bit activations, at most MAX_ROWS tokens."""
+    if not (switched_on(SWITCH) and cuda_backend()):
+        return False
+    return x.dtype in ACTIVATION_DTYPES and x.ndim >= 2 and x.size // x.shape[-1] <= MAX_ROWS
+
+
+def rms_norm(x: mx.array, weight: Optional[mx.array], eps: float) -> mx.array:
+    return mx.fast.rms_norm(x, weight, eps)
+
+
+def query_key_value(qkv: mx.array, heads: int, kv_heads: int, head_dim: int, keys_are_values: bool,
+                    q_weight: mx.array, k_weight: mx.array, wavelengths: mx.array, offset: Union[int, mx.array],
+                    eps: float, rope) -> tuple:
+    """(queries (batch, heads, tokens, head_dim), keys, values (batch, kv_heads, tokens, head_dim)) from the fused
+    projection's output qkv (batch, tokens, width): each head normalised (queries and keys with their weights,
+    values without), queries and keys rotated by `rope` (decoder.RotaryEmbedding, of these `wavelengths`) from
+    position `offset`. With `keys_are_values` the values are the keys before their norm and rotation."""
+    batch, tokens, _ = qkv.shape
+    if not (batch == 1 and uses_kernels(qkv) and head_dim % 64 == 0):
+        pieces = mx.split(qkv, [heads * head_dim, (heads + kv_heads) * head_dim], axis=-1)
+        raw_queries, raw_keys = (p.reshape(batch, tokens, -1, head_dim) for p in pieces[:2])
+        raw_values = raw_keys if keys_are_values else pieces[2].reshape(batch, tokens, -1, head_dim)
+        return normalized_heads(raw_queries, raw_keys, raw_values, q_weight, k_weight, offset, eps, rope)
+    position = offset.astype(mx.int32).reshape(1) if isinstance(offset, mx.array) else mx.array([offset], mx.int32)
+    jobs = tokens * (heads + 2 * kv_heads)
+    warps_per_block = 4
+    blocks = -(-jobs // warps_per_block)
+    shapes = [(1, heads, tokens, head_dim), (1, kv_heads, tokens, head_dim), (1, kv_heads, tokens, head_dim)]
+    return tuple(qkv_kernel(eps)(
+        inputs=[qkv.reshape(tokens, -1), q_weight, k_weight, wavelengths, position],
+        template=[("D", head_dim), ("H", heads), ("KVH", kv_heads), ("KEYS_ARE_VALUES", keys_are_values)],
+        grid=(blocks * 32 * warps_per_block, 1, 1),
+        threadgroup=(32 * warps_per_block, 1, 1),
+        output_shapes=shapes,
+        output_dtypes=[qkv.dtype] * 3,
+    ))
+
+
+def normalized_heads(raw_queries: mx.array, raw_keys: Optional[mx.array], raw_values: Optional[mx.array],
+                     q_weight: mx.array, k_weight: Optional[mx.array], offset, eps: float, rope) -> tuple:
+    """The same through MLX operations, from the projections as (batch, tokens, heads, head_dim); without raw_keys
+    (a layer reusing another's keys and values) keys and values are None."""
+    queries = rope(rms_norm(raw_queries, q_weight, eps).transpose(0, 2, 1, 3), offset)
+    if raw_keys is None:
+        return queries, None, None
+    keys = rope(rms_norm(raw_keys, k_weight, eps).transpose(0, 2, 1, 3), offset)
+    values = rms_norm(raw_values, None, eps).transpose(0, 2, 1, 3)
+    return queries, keys, values
+
+
+def residual_then_norm(x: mx.array, addend: mx.array, addend_weight: mx.array, norm_weight: mx.array,
+                       eps: float) -> tuple:
+    """(h, norm(h) with norm_weight) for h = x + norm(addend) with addend_weight."""
+    if not uses_kernels(x):
+        h = x + rms_norm(addend, addend_weight, eps)
+        return h, rms_norm(h, norm_weight, eps)
+    width = x.shape[-1]
+    residual, normed = residual_then_norm_kernel(eps)(
+        inputs=[x, addend, addend_weight, norm_weight],
+        template=[("N", width)],
+        grid=(x.size // width * ROW_THREADS, 1, 1),
+        threadgroup=(ROW_THREADS, 1, 1),
+        output_shapes=[x.shape, x.shape],
+        output_dtypes=[x.dtype, x.dtype],
+    )
+    return residual, normed
+
+
+def scaled_residual(x: mx.array, addend: mx.array, addend_weight: mx.array, scalar: mx.array, eps: float):
+    """(x + norm(addend) with addend_weight) * scalar."""
+    if not (uses_kernels(x) and scalar.dtype == x.dtype):
+        return (x + rms_norm(addend, addend_weight, eps)) * scalar
+    width = x.shape[-1]
+    (out,) = scaled_residual_kernel(eps)(
+        inputs=[x, addend, addend_weight, scalar],
+        template=[("N", width)],
+        grid=(x.size // width * ROW_THREADS, 1, 1),
+        threadgroup=(ROW_THREADS, 1, 1),
+        output_shapes=[x.shape],
+        output_dtypes=[x.dtype],
+    )
+    return out

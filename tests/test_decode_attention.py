@@ -1,0 +1,129 @@
+"""Attention for one query per head: which calls take the CUDA kernels (CPU tests), and what the kernels compute
+(tests marked `gpu`, run on a CUDA machine: they skip where CUDA is absent)."""
+
+import mlx.core as mx
+import pytest
+
+from mlx_gemma4 import attention, decode_attention
+from mlx_gemma4.attention_mask import PositionMask
+from mlx_gemma4.decode_attention import SWITCH, reference_attention, uses_kernel
+
+gpu = pytest.mark.gpu
+
+
+def case(heads: int, kv_heads: int, keys: int, head_dim: int, dtype=mx.bfloat16, bits=None, group_size=64, seed=0):
+    """(queries, keys, values): queries of unit-norm heads times a spread, as q_norm leaves them; keys and values
+    as the cache stores them, quantized triples with `bits`."""
+    mx.random.seed(seed)
+    queries = mx.random.normal((1, heads, 1, head_dim)) * 0.2
+    rows = [mx.random.normal((1, kv_heads, keys, head_dim)).astype(dtype) for _ in range(2)]
+    if bits is not None:
+        rows = [tuple(mx.quantize(r, group_size=group_size, bits=bits)) for r in rows]
+    return queries.astype(dtype), rows[0], rows[1]
+
+
+@pytest.fixture
+def on_cuda(monkeypatch):
+    """The rule as it runs on a CUDA machine, with the kernels replaced by the float32 reference and counted."""
+    calls = []
+
+    def counted(queries, keys, values, mask):
+        calls.append(queries.shape)
+        return reference_attention(queries, keys, values, mask)
+
+    monkeypatch.setattr(decode_attention, "cuda_backend", lambda: True)
+    monkeypatch.setattr(decode_attention, "attention", counted)
+    monkeypatch.setenv(SWITCH, "1")
+    return calls
+
+
+def test_rule_takes_one_query_per_head_at_head_sizes_of_256_and_512(on_cuda):
+    for heads, kv_heads, head_dim in ((16, 8, 256), (16, 1, 512)):
+        queries, keys, _ = case(heads, kv_heads, 40, head_dim)
+        assert uses_kernel(queries, keys, None)
+        assert uses_kernel(queries, keys, mx.arange(40) < 30)
+    queries, keys, _ = case(16, 8, 40, 256)
+    assert not uses_kernel(mx.concatenate([queries, queries], axis=2), keys, None)  # two queries
+    assert not uses_kernel(queries.astype(mx.float32), keys.astype(mx.float32), None)
+    assert not uses_kernel(case(4, 2, 40, 64)[0], case(4, 2, 40, 64)[1], None)  # head size 64
+    assert not uses_kernel(queries, keys, mx.ones((1, 16, 1, 40), dtype=mx.bool_) > 0)  # a mask per head
+
+
+def test_rule_takes_quantized_caches_at_4_and_8_bits(on_cuda):
+    for bits in (4, 8):
+        queries, keys, _ = case(16, 8, 40, 256, bits=bits)
+        assert uses_kernel(queries, keys, None)
+
+
+def test_the_kernels_are_on_unless_switched_off(on_cuda, monkeypatch):
+    queries, keys, _ = case(16, 8, 40, 256)
+    monkeypatch.setenv(SWITCH, "0")
+    assert not uses_kernel(queries, keys, None)
+    monkeypatch.setattr(decode_attention, "cuda_backend", lambda: False)
+    monkeypatch.setenv(SWITCH, "1")
+    assert not uses_kernel(queries, keys, None)
+
+
+def test_attention_sends_decoding_steps_to_the_kernels_and_prompt_chunks_to_mlx(on_cuda):
+    queries, keys, values = case(16, 8, 40, 256)
+    position_mask = PositionMask(39, 1, 16)  # a sliding layer's window, as a position mask
+    one = attention.scaled_dot_product_attention(queries, keys, values, position_mask)
+    assert on_cuda == [queries.shape]
+    expected = reference_attention(queries, keys, values, position_mask(40))
+    assert mx.array_equal(one, expected)
+    attention.scaled_dot_product_attention(queries, keys, values, "causal")
+    assert len(on_cuda) == 2
+    chunk = mx.concatenate([queries] * 3, axis=2)
+    attention.scaled_dot_product_attention(chunk, keys, values, "causal")
+    assert len(on_cuda) == 2
+
+
+def test_reference_matches_mlx_attention_on_this_backend():
+    """The tests below hold the kernels to reference_attention; it must itself be attention."""
+    queries, keys, values = case(4, 2, 50, 64, dtype=mx.float32)
+    mask = mx.arange(50) < 37
+    expected = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=mask)
+    assert mx.allclose(reference_attention(queries, keys, values, mask), expected, atol=1e-5)
+
+
+# Largest difference from the float32 reference, measured on an H200 (bench/results/h200-gpu-tests.log) and doubled
+# at least: the kernels round once, to the output dtype; bfloat16 keeps 8 bits of mantissa.
+TOLERANCE = {mx.bfloat16: 1.6e-2, mx.float16: 2e-3}
+
+SHAPES = [  # (heads, kv_heads, keys, head size): the 12B's sliding and full layers, short and deep, and odd counts
+    (16, 8, 1024, 256), (16, 8, 1, 256), (16, 8, 77, 256), (16, 1, 1024, 512), (16, 1, 4099, 512), (16, 1, 70000, 512),
+]
+
+
+@gpu
+@pytest.mark.parametrize("heads,kv_heads,keys,head_dim", SHAPES)
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+def test_kernels_match_the_reference(heads, kv_heads, keys, head_dim, dtype):
+    queries, key_rows, value_rows = case(heads, kv_heads, keys, head_dim, dtype)
+    for mask in (None, mx.arange(keys) <= keys // 2, mx.random.uniform(shape=(keys,)) < 0.3):
+        if mask is not None and not mask.any().item():
+            continue
+        got = decode_attention.attention(queries, key_rows, value_rows, mask)
+        expected = reference_attention(queries, key_rows, value_rows, mask)
+        assert got.shape == queries.shape and got.dtype == dtype
+        assert mx.abs(got.astype(mx.float32) - expected.astype(mx.float32)).max().item() < TOLERANCE[dtype]
+
+
+@gpu
+@pytest.mark.parametrize("bits,group_size", [(4, 32), (4, 64), (4, 128), (8, 32), (8, 64), (8, 128)])
+@pytest.mark.parametrize("heads,kv_heads,keys,head_dim", [(16, 8, 1024, 256), (16, 1, 3000, 512)])
+def test_kernels_read_quantized_caches(bits, group_size, heads, kv_heads, keys, head_dim):
+    queries, key_rows, value_rows = case(heads, kv_heads, keys, head_dim, bits=bits, group_size=group_size)
+    mask = mx.arange(keys) < keys - 5
+    got = decode_attention.attention(queries, key_rows, value_rows, mask)
+    expected = reference_attention(queries, key_rows, value_rows, mask)
+    assert mx.abs(got.astype(mx.float32) - expected.astype(mx.float32)).max().item() < TOLERANCE[mx.bfloat16]
+
+
+@gpu
+def test_kernels_run_inside_a_compiled_function():
+    queries, key_rows, value_rows = case(16, 1, 2048, 512)
+    mask = mx.arange(2048) < 1500
+    compiled = mx.compile(lambda q, k, v, m: decode_attention.attention(q, k, v, m))
+    expected = decode_attention.attention(queries, key_rows, value_rows, mask)
+    assert mx.array_equal(compiled(queries, key_rows, value_rows, mask), expected)
