@@ -20,7 +20,6 @@ product the kernel is tested against.
 
 import math
 from functools import lru_cache
-from typing import Optional
 
 import mlx.core as mx
 
@@ -106,8 +105,7 @@ __device__ __forceinline__ uint32_t byte_pair(uint32_t w, int i, int j) {
 """
 
 # Template ints: BITS, GROUP, N (output rows), K, RT (16-row tiles per warp), KSPLIT (warps per block, splitting K),
-# DEPTH (chunks of weights each warp loads before using them), PIPELINE (the next batch asked for before this one is
-# used), NT (8-column tiles of x rows), X_BF16.
+# DEPTH (chunks of weights each warp loads before using them), NT (8-column tiles of x rows), X_BF16.
 SOURCE = r"""
   // A chunk is what a quad of lanes (t = lane % 4) loads from one weight row at once: four consecutive pieces of
   // LOAD_WORDS words, piece t to lane t, spanning one quantization group (half of one, for 8 bits in groups of
@@ -139,12 +137,10 @@ SOURCE = r"""
       #pragma unroll
       for (int i = 0; i < 4; ++i) total[r][n][i] = 0.0f;
 
-  // A batch is DEPTH chunks of each of the warp's rows, with their scales and biases, all asked for before any is
-  // used: one memory latency per batch. With PIPELINE the next batch is asked for before this one is used.
-  uint32_t loaded[DEPTH][RT][2][LOAD_WORDS];
-  ScaleT scale[DEPTH][RT][2], bias[DEPTH][RT][2];
-  auto fetch = [&](int first, uint32_t (&into)[DEPTH][RT][2][LOAD_WORDS], ScaleT (&into_scale)[DEPTH][RT][2],
-                   ScaleT (&into_bias)[DEPTH][RT][2]) {
+  for (int first = warp; first < CHUNKS; first += KSPLIT * DEPTH) {
+    // The batch's weights, scales and biases are all asked for before any is used: one memory latency per batch.
+    uint32_t loaded[DEPTH][RT][2][LOAD_WORDS];
+    ScaleT scale[DEPTH][RT][2], bias[DEPTH][RT][2];
     #pragma unroll
     for (int d = 0; d < DEPTH; ++d) {
       const int c = first + d * KSPLIT;
@@ -154,23 +150,17 @@ SOURCE = r"""
         for (int h = 0; h < 2; ++h) {
           const int row = row0 + r * 16 + g + 8 * h;
           if (c < CHUNKS && row < N) {
-            load_streaming(w + (size_t)row * WORDS_PER_ROW + (c * 4 + t) * LOAD_WORDS, into[d][r][h]);
+            load_streaming(w + (size_t)row * WORDS_PER_ROW + (c * 4 + t) * LOAD_WORDS, loaded[d][r][h]);
           } else {
             #pragma unroll
-            for (int j = 0; j < LOAD_WORDS; ++j) into[d][r][h][j] = 0;
+            for (int j = 0; j < LOAD_WORDS; ++j) loaded[d][r][h][j] = 0;
           }
           // Rows and chunks past the end read the last scales instead: those sums are never stored.
           const size_t at = (size_t)min(row, N - 1) * GROUPS + min(c * CHUNK / GROUP, GROUPS - 1);
-          into_scale[d][r][h] = scales[at];
-          into_bias[d][r][h] = biases[at];
+          scale[d][r][h] = scales[at];
+          bias[d][r][h] = biases[at];
         }
     }
-  };
-  fetch(warp, loaded, scale, bias);
-  for (int first = warp; first < CHUNKS; first += KSPLIT * DEPTH) {
-    uint32_t ahead[DEPTH][RT][2][LOAD_WORDS];
-    ScaleT ahead_scale[DEPTH][RT][2], ahead_bias[DEPTH][RT][2];
-    if constexpr (PIPELINE) fetch(first + KSPLIT * DEPTH, ahead, ahead_scale, ahead_bias);
     #pragma unroll
     for (int d = 0; d < DEPTH; ++d) {
       const int c = first + d * KSPLIT;
@@ -249,18 +239,6 @@ SOURCE = r"""
         }
       }
     }
-    if constexpr (!PIPELINE) fetch(first + KSPLIT * DEPTH, ahead, ahead_scale, ahead_bias);
-    #pragma unroll
-    for (int d = 0; d < DEPTH; ++d)
-      #pragma unroll
-      for (int r = 0; r < RT; ++r)
-        #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          #pragma unroll
-          for (int j = 0; j < LOAD_WORDS; ++j) loaded[d][r][h][j] = ahead[d][r][h][j];
-          scale[d][r][h] = ahead_scale[d][r][h];
-          bias[d][r][h] = ahead_bias[d][r][h];
-        }
   }
 
   #pragma unroll
@@ -312,8 +290,7 @@ def launch_plan(output_rows: int, input_dims: int, bits: int, group_size: int, r
     blocks = math.ceil(output_rows / (16 * tiles))
     split = min(16 if blocks < 2 * MULTIPROCESSORS else 8, chunks)
     depth = min(max(1, min(4, 8 // load_words) // tiles), math.ceil(chunks / split))  # bytes in flight per lane
-    return {"RT": tiles, "KSPLIT": split, "DEPTH": depth, "PIPELINE": False, "NT": 1 if rows_of_x <= 8 else 2,
-            "blocks": blocks}
+    return {"RT": tiles, "KSPLIT": split, "DEPTH": depth, "NT": 1 if rows_of_x <= 8 else 2, "blocks": blocks}
 
 
 def uses_kernel(x: mx.array, w: mx.array, scales: mx.array, biases, group_size: int, bits: int, mode: str) -> bool:
@@ -329,19 +306,16 @@ def uses_kernel(x: mx.array, w: mx.array, scales: mx.array, biases, group_size: 
     return x.shape[-1] == input_dims and input_dims % group_size == 0 and math.prod(x.shape[:-1]) <= MAX_ROWS
 
 
-def few_row_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int,
-                   plan: Optional[dict] = None):
-    """The kernel's product; `plan` (launch_plan's template ints) only where a study tries others."""
+def few_row_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int):
     output_rows, input_dims = w.shape[0], x.shape[-1]
     rows = x.reshape(-1, input_dims)
-    plan = plan or launch_plan(output_rows, input_dims, bits, group_size, rows.shape[0])
+    plan = launch_plan(output_rows, input_dims, bits, group_size, rows.shape[0])
     threads = 32 * plan["KSPLIT"]
     out_dtype = result_dtype(x.dtype, scales.dtype)
     (out,) = few_row_kernel()(
         inputs=[rows, w, scales, biases],
         template=[("BITS", bits), ("GROUP", group_size), ("N", output_rows), ("K", input_dims),
-                  ("RT", plan["RT"]), ("KSPLIT", plan["KSPLIT"]), ("DEPTH", plan["DEPTH"]),
-                  ("PIPELINE", plan["PIPELINE"]), ("NT", plan["NT"]),
+                  ("RT", plan["RT"]), ("KSPLIT", plan["KSPLIT"]), ("DEPTH", plan["DEPTH"]), ("NT", plan["NT"]),
                   ("X_BF16", x.dtype == mx.bfloat16)],
         grid=(plan["blocks"] * threads, 1, 1),
         threadgroup=(threads, 1, 1),
