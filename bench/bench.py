@@ -27,7 +27,7 @@ from measure import environment, log, measure, random_prompt, weight_bytes  # no
 from mlx_gemma4.errors import Gemma4Error  # noqa: E402
 from mlx_gemma4.json_files import read_json  # noqa: E402
 from mlx_gemma4.loading import resolve_model_path  # noqa: E402
-from mlx_gemma4 import decode_attention, quantized_matvec  # noqa: E402
+from mlx_gemma4 import decode_attention, fused_norms, quantized_matvec  # noqa: E402
 from peer_mtp import (  # noqa: E402
     NO_MLX_LM_MTP, assistant_source_config, mtp_rows, run_peer_mtp, save_peer_assistant)
 from peers import PEERS, load_peers, ours, peer_installed  # noqa: E402
@@ -72,6 +72,9 @@ def parse_args(argv=None):
     parser.add_argument("--no-attention-kernel", action="store_true",
                         help="CUDA: our decoding steps' attention through MLX operations, not our kernels "
                              "(MLX_GEMMA4_DECODE_ATTENTION=0)")
+    parser.add_argument("--no-fused-norms", action="store_true",
+                        help="CUDA: our decoding steps' norms, residual sums and rotations through MLX operations, not "
+                             "our kernels (MLX_GEMMA4_FUSED_NORMS=0)")
     parser.add_argument("--skip-ours", action="store_true",
                         help="run the peers only, e.g. to give their long-context runs a call of their own")
     return parser.parse_args(argv)
@@ -298,6 +301,8 @@ def main(argv=None):
         os.environ[quantized_matvec.SWITCH] = "0"
     if args.no_attention_kernel:
         os.environ[decode_attention.SWITCH] = "0"
+    if args.no_fused_norms:
+        os.environ[fused_norms.SWITCH] = "0"
     machine = machine_bandwidth(args.bandwidth)
     if args.kernel_table:
         return run_kernel_table(args, machine)

@@ -17,7 +17,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from mlx_gemma4 import cuda_backend, decode_attention, quantized_matvec
+from mlx_gemma4 import cuda_backend, decode_attention, fused_norms, quantized_matvec
 
 
 def process_rss_bytes() -> int:
@@ -109,7 +109,8 @@ def environment() -> dict:
     return {"mlx": mx.__version__, "device": str(mx.default_device()), "python": sys.version.split()[0],
             "platform": sys.platform, "cpu_count": os.cpu_count(), "commit": source_commit(),
             "few_row_kernel": on_cuda and cuda_backend.switched_on(quantized_matvec.SWITCH),
-            "decode_attention_kernel": on_cuda and cuda_backend.switched_on(decode_attention.SWITCH)}
+            "decode_attention_kernel": on_cuda and cuda_backend.switched_on(decode_attention.SWITCH),
+            "fused_norms_kernel": on_cuda and cuda_backend.switched_on(fused_norms.SWITCH)}
 
 
 def source_commit():

@@ -21,6 +21,13 @@ from .cuda_backend import cuda_backend, switched_on
 from .kv_cache import Rows, is_quantized, quantization_of, row_count
 
 SWITCH = "MLX_GEMMA4_DECODE_ATTENTION"  # "0" turns the kernels off (A/B runs)
+# Keys beyond which a cache in the activations' dtype stays with MLX's matmuls. A warp walks its span one round of keys
+# per memory latency, so very long spans are slow: on an H200, the 12B decoded at 32.7 tok/s 262K keys deep with an
+# 8-bit cache through these kernels (bench/results/h200-12b-4bit-long-context-ours-kv8-262k.json) against 51.7 through
+# MLX's operations (h200-12b-4bit-long-context-ours-kv8.json), while at 512 they saved 0.58 ms of a 7.45 ms step
+# (h200-kernel-switch-ab-512.json): up to 2,048 keys is measured. A quantized cache always takes them: MLX's CUDA
+# backend would dequantize a whole copy of it at every step (0.5 GB a full layer at 262K keys).
+MAX_PLAIN_KEYS = 4096
 ACTIVATION_DTYPES = (mx.bfloat16, mx.float16)
 # Blocks to aim for: a warp's rounds run one memory latency each, so a span's time is its rounds; ~8 blocks for each
 # of an H200's 132 multiprocessors keeps a 262K-key full layer at ~130 rounds a warp.
@@ -284,8 +291,8 @@ def vector_mask(mask, key_count: int) -> tuple:
 
 def uses_kernel(queries: mx.array, keys: Rows, mask) -> bool:
     """The rule: the CUDA backend, the switch not off, one query per head (batch 1), head sizes a multiple of 256,
-    16-bit queries (and keys and values in the same dtype, or quantized at 4 or 8 bits), a mask shared by every head
-    (None or a boolean vector over the keys)."""
+    16-bit queries, keys and values in the same dtype (at most MAX_PLAIN_KEYS of them) or quantized at 4 or 8 bits,
+    a mask shared by every head (None or a boolean vector over the keys)."""
     if not (switched_on(SWITCH) and cuda_backend()):
         return False
     batch, heads, length, head_dim = queries.shape
@@ -299,7 +306,7 @@ def uses_kernel(queries: mx.array, keys: Rows, mask) -> bool:
         bits, group_size = quantization_of(keys, head_dim)
         if bits not in (4, 8) or keys[1].dtype not in ACTIVATION_DTYPES:
             return False
-    elif keys.dtype != queries.dtype:
+    elif keys.dtype != queries.dtype or row_count(keys) > MAX_PLAIN_KEYS:
         return False
     return vector_mask(mask, row_count(keys))[0]
 

@@ -51,9 +51,10 @@ def differences(got, expected) -> float:
     return max(mx.abs(g.astype(mx.float32) - e.astype(mx.float32)).max().item() for g, e in zip(got, expected))
 
 
-# Largest difference from the MLX operations on the same GPU, measured on an H200 (bench/results/h200-gpu-tests.log)
-# and doubled at least: the kernels round where MLX rounds, so they differ by an ulp here and there where the
-# norm's float32 sum, taken in another order, lands on the other side of a rounding boundary.
+# The kernels round where the MLX operations round, so they differ from them only where a norm's float32 sum, taken
+# in another order, moves a value across a rounding boundary: one ulp of that value. ULPS is one ulp at magnitudes
+# 2-4; the checks allow four: two ulps at magnitudes 4-8, one at 8-16, above what the random values here reach. Not measured:
+# the H200 runs of these tests (bench/results/h200-gpu-tests-fused.log) record passes, not differences.
 ULPS = {mx.bfloat16: 2 ** -6, mx.float16: 2 ** -9}
 
 
@@ -134,4 +135,5 @@ def test_a_model_decodes_as_close_to_float32_with_our_kernels_as_without(monkeyp
     agreement = [(run.argmax(-1) == reference.argmax(-1)).mean() for run in (on, off)]
     print(f"mean logit error against float32: kernels on {error_on:.4f}, off {error_off:.4f}; top-1 agreement "
           f"on {agreement[0]:.3f}, off {agreement[1]:.3f}")
+    # On an H200: 0.3954 on, 0.3921 off, top-1 agreement 1.000 both (bench/results/h200-gpu-tests-fused.log).
     assert error_on <= 1.5 * error_off
