@@ -53,8 +53,8 @@ def differences(got, expected) -> float:
 
 # The kernels round where the MLX operations round, so they differ from them only where a norm's float32 sum, taken
 # in another order, moves a value across a rounding boundary: one ulp of that value. ULPS is one ulp at magnitudes
-# 2-4; the checks allow four: two ulps at magnitudes 4-8, one at 8-16, above what the random values here reach. Not measured:
-# the H200 runs of these tests (bench/results/h200-gpu-tests-fused.log) record passes, not differences.
+# 2-4; the checks allow four: two ulps at magnitudes 4-8, one at 8-16, above what the random values here reach.
+# Not measured: the H200 runs of these tests (bench/results/h200-gpu-tests-fused.log) record passes, not differences.
 ULPS = {mx.bfloat16: 2 ** -6, mx.float16: 2 ** -9}
 
 
