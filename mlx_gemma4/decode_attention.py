@@ -18,6 +18,7 @@ from typing import Optional
 import mlx.core as mx
 
 from .cuda_backend import cuda_backend, switched_on
+from .cuda_source import COMMON_HEADER, compact
 from .kv_cache import Rows, is_quantized, quantization_of, row_count
 
 SWITCH = "MLX_GEMMA4_DECODE_ATTENTION"  # "0" turns the kernels off (A/B runs)
@@ -35,17 +36,7 @@ TARGET_BLOCKS = 1024
 MIN_SPAN = 16  # keys a block takes at least: below that the merge costs more than the split gains
 KEY_FLOATS_PER_ROUND = 1024  # a round's keys x head size: 4 keys of 256 or 2 of 512, in 64 registers with values
 
-HEADER = r"""
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
-template <typename T> struct element_of;
-template <typename T> struct element_of<const T*> { using type = T; };
-
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
+HEADER = COMMON_HEADER + r"""
 __device__ __forceinline__ float minus_infinity() { return __int_as_float(0xFF800000u); }
 
 // Two 16-bit floats packed in a word, as floats.
@@ -247,12 +238,6 @@ MERGE_SOURCE = r"""
     store(out + (size_t)head * D + d, sum / total);
   }
 """
-
-
-def compact(source: str) -> str:
-    """The source without comments and indentation: MLX hashes the whole string at every launch."""
-    lines = (line.split("//")[0].strip() for line in source.splitlines())
-    return "\n".join(line for line in lines if line)
 
 
 @lru_cache(maxsize=None)

@@ -22,27 +22,17 @@ from typing import Optional, Union
 import mlx.core as mx
 
 from .cuda_backend import cuda_backend, switched_on
+from .cuda_source import COMMON_HEADER, compact
 
 SWITCH = "MLX_GEMMA4_FUSED_NORMS"  # "0" turns the kernels off (A/B runs)
 MAX_ROWS = 16
 ACTIVATION_DTYPES = (mx.bfloat16, mx.float16)
 ROW_THREADS = 512  # threads normalising one row of the residual stream
 
-HEADER = r"""
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
-template <typename T> struct element_of;
-template <typename T> struct element_of<const T*> { using type = T; };
-
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(float v) { return v; }
+HEADER = COMMON_HEADER + r"""
 // v rounded to T and back: where the MLX operations hand a T to the next one.
 __device__ __forceinline__ float rounded(float v, __nv_bfloat16) { return __bfloat162float(__float2bfloat16_rn(v)); }
 __device__ __forceinline__ float rounded(float v, __half) { return __half2float(__float2half_rn(v)); }
-__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
 
 __device__ __forceinline__ float warp_sum(float v) {
   #pragma unroll
@@ -191,48 +181,26 @@ SCALED_RESIDUAL_SOURCE = NORM_LOADS + r"""
 """
 
 
-def compact(source: str) -> str:
-    """The source without comments and indentation: MLX hashes the whole string at every launch."""
-    lines = (line.split("//")[0].strip() for line in source.splitlines())
-    return "\n".join(line for line in lines if line)
-
-
 def header(eps: float) -> str:
     # The norms' epsilon is a constant of the model: part of the source, like the template ints.
     return compact(HEADER) + f"\n#define EPS {eps:.9e}f\n#define ROW_THREADS {ROW_THREADS}\n"
 
 
-@lru_cache(maxsize=None)
-def qkv_kernel(eps: float):
-    return mx.fast.cuda_kernel(
-        name="gemma4_qkv_heads",
-        input_names=["qkv", "q_weight", "k_weight", "wavelengths", "offset"],
-        output_names=["queries", "keys", "values"],
-        source=compact(QKV_SOURCE),
-        header=header(eps),
-    )
+# name: (input names, output names, source)
+KERNELS = {
+    "qkv_heads": (["qkv", "q_weight", "k_weight", "wavelengths", "offset"], ["queries", "keys", "values"],
+                  QKV_SOURCE),
+    "residual_then_norm": (["x", "addend", "addend_weight", "norm_weight"], ["residual", "normed"],
+                           RESIDUAL_THEN_NORM_SOURCE),
+    "scaled_residual": (["x", "addend", "addend_weight", "scalar"], ["out"], SCALED_RESIDUAL_SOURCE),
+}
 
 
 @lru_cache(maxsize=None)
-def residual_then_norm_kernel(eps: float):
-    return mx.fast.cuda_kernel(
-        name="gemma4_residual_then_norm",
-        input_names=["x", "addend", "addend_weight", "norm_weight"],
-        output_names=["residual", "normed"],
-        source=compact(RESIDUAL_THEN_NORM_SOURCE),
-        header=header(eps),
-    )
-
-
-@lru_cache(maxsize=None)
-def scaled_residual_kernel(eps: float):
-    return mx.fast.cuda_kernel(
-        name="gemma4_scaled_residual",
-        input_names=["x", "addend", "addend_weight", "scalar"],
-        output_names=["out"],
-        source=compact(SCALED_RESIDUAL_SOURCE),
-        header=header(eps),
-    )
+def kernel(name: str, eps: float):
+    input_names, output_names, source = KERNELS[name]
+    return mx.fast.cuda_kernel(name=f"gemma4_{name}", input_names=input_names, output_names=output_names,
+                               source=compact(source), header=header(eps))
 
 
 def uses_kernels(x: mx.array) -> bool:
@@ -264,7 +232,7 @@ def query_key_value(qkv: mx.array, heads: int, kv_heads: int, head_dim: int, key
     warps_per_block = 4
     blocks = -(-jobs // warps_per_block)
     shapes = [(1, heads, tokens, head_dim), (1, kv_heads, tokens, head_dim), (1, kv_heads, tokens, head_dim)]
-    return tuple(qkv_kernel(eps)(
+    return tuple(kernel("qkv_heads", eps)(
         inputs=[qkv.reshape(tokens, -1), q_weight, k_weight, wavelengths, position],
         template=[("D", head_dim), ("H", heads), ("KVH", kv_heads), ("KEYS_ARE_VALUES", keys_are_values)],
         grid=(blocks * 32 * warps_per_block, 1, 1),
@@ -286,21 +254,21 @@ def normalized_heads(raw_queries: mx.array, raw_keys: Optional[mx.array], raw_va
     return queries, keys, values
 
 
+def row_launch(kernel, inputs: list, outputs: int) -> list:
+    """One block of ROW_THREADS per token of inputs[0] (x); `outputs` arrays shaped and typed as x."""
+    x = inputs[0]
+    width = x.shape[-1]
+    return kernel(inputs=inputs, template=[("N", width)], grid=(x.size // width * ROW_THREADS, 1, 1),
+                  threadgroup=(ROW_THREADS, 1, 1), output_shapes=[x.shape] * outputs, output_dtypes=[x.dtype] * outputs)
+
+
 def residual_then_norm(x: mx.array, addend: mx.array, addend_weight: mx.array, norm_weight: mx.array,
                        eps: float) -> tuple:
     """(h, norm(h) with norm_weight) for h = x + norm(addend) with addend_weight."""
     if not uses_kernels(x):
         h = x + rms_norm(addend, addend_weight, eps)
         return h, rms_norm(h, norm_weight, eps)
-    width = x.shape[-1]
-    residual, normed = residual_then_norm_kernel(eps)(
-        inputs=[x, addend, addend_weight, norm_weight],
-        template=[("N", width)],
-        grid=(x.size // width * ROW_THREADS, 1, 1),
-        threadgroup=(ROW_THREADS, 1, 1),
-        output_shapes=[x.shape, x.shape],
-        output_dtypes=[x.dtype, x.dtype],
-    )
+    residual, normed = row_launch(kernel("residual_then_norm", eps), [x, addend, addend_weight, norm_weight], 2)
     return residual, normed
 
 
@@ -308,13 +276,5 @@ def scaled_residual(x: mx.array, addend: mx.array, addend_weight: mx.array, scal
     """(x + norm(addend) with addend_weight) * scalar."""
     if not (uses_kernels(x) and scalar.dtype == x.dtype):
         return (x + rms_norm(addend, addend_weight, eps)) * scalar
-    width = x.shape[-1]
-    (out,) = scaled_residual_kernel(eps)(
-        inputs=[x, addend, addend_weight, scalar],
-        template=[("N", width)],
-        grid=(x.size // width * ROW_THREADS, 1, 1),
-        threadgroup=(ROW_THREADS, 1, 1),
-        output_shapes=[x.shape],
-        output_dtypes=[x.dtype],
-    )
+    (out,) = row_launch(kernel("scaled_residual", eps), [x, addend, addend_weight, scalar], 1)
     return out

@@ -24,6 +24,7 @@ from functools import lru_cache
 import mlx.core as mx
 
 from .cuda_backend import cuda_backend, switched_on
+from .cuda_source import COMMON_HEADER, compact
 
 # "0" turns the kernel off (for A/B runs). On by default: on an H200 at the 12B shape, our compiled decoding step took
 # 8.34 ms with it against 10.77 ms without, kernel on and off in turns (bench/results/h200-matvec-decode-ab.json).
@@ -38,19 +39,7 @@ MULTIPROCESSORS = 132
 WIDE_TILE_ROWS = 8448  # at and above this many output rows a warp takes two 16-row tiles
 
 
-HEADER = r"""
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
-template <typename T> struct element_of;
-template <typename T> struct element_of<const T*> { using type = T; };
-
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
-__device__ __forceinline__ void store(float* p, float v) { *p = v; }
+HEADER = COMMON_HEADER + r"""
 
 // Weights are read once: bypass L1 so that the rows of x, which every block reads, stay there.
 template <int WORDS>
@@ -272,12 +261,6 @@ def few_row_kernel():
         source=compact(SOURCE),
         header=compact(HEADER),
     )
-
-
-def compact(source: str) -> str:
-    """The source without comments and indentation: MLX hashes the whole string at every launch."""
-    lines = (line.split("//")[0].strip() for line in source.splitlines())
-    return "\n".join(line for line in lines if line)
 
 
 def launch_plan(output_rows: int, input_dims: int, bits: int, group_size: int, rows_of_x: int) -> dict:
