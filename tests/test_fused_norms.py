@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mlx_gemma4 import decode_attention, fused_norms, quantized_matvec
-from mlx_gemma4.decoder import RotaryEmbedding
+from mlx_gemma4.decoder import RMSNorm, RotaryEmbedding
 from mlx_gemma4.fused_norms import (SWITCH, normalized_heads, query_key_value, residual_then_norm, scaled_residual,
                                     uses_kernels)
 
@@ -137,3 +137,65 @@ def test_a_model_decodes_as_close_to_float32_with_our_kernels_as_without(monkeyp
           f"on {agreement[0]:.3f}, off {agreement[1]:.3f}")
     # On an H200: 0.3954 on, 0.3921 off, top-1 agreement 1.000 both (bench/results/h200-gpu-tests-fused.log).
     assert error_on <= 1.5 * error_off
+
+
+def emulated_kernel(name: str, eps: float):
+    """What each kernel hands back, in MLX operations, read from the same launch arguments: on the CPU it checks how
+    decoder.py calls the kernels (inputs, template ints, output shapes) without the kernels themselves."""
+
+    def launch(inputs, template, grid, threadgroup, output_shapes, output_dtypes):
+        ints = dict(template)
+        if name == "qkv_heads":
+            qkv, q_weight, k_weight, wavelengths, offset = inputs
+            head_dim, heads, kv_heads = ints["D"], ints["H"], ints["KVH"]
+            pieces = mx.split(qkv[None], [heads * head_dim, (heads + kv_heads) * head_dim], axis=-1)
+            raw = [piece.reshape(1, qkv.shape[0], -1, head_dim) for piece in pieces]
+
+            def rope(x, position):
+                return mx.fast.rope(x, head_dim, traditional=False, base=None, scale=1.0, offset=position,
+                                    freqs=wavelengths)
+
+            out = normalized_heads(raw[0], raw[1], raw[1] if ints["KEYS_ARE_VALUES"] else raw[2], q_weight,
+                                   k_weight, offset[0], eps, rope)
+        elif name == "residual_then_norm":
+            x, addend, addend_weight, norm_weight = inputs
+            h = x + mx.fast.rms_norm(addend, addend_weight, eps)
+            out = [h, mx.fast.rms_norm(h, norm_weight, eps)]
+        else:
+            x, addend, addend_weight, scalar = inputs
+            out = [(x + mx.fast.rms_norm(addend, addend_weight, eps)) * scalar]
+        assert [tuple(o.shape) for o in out] == [tuple(shape) for shape in output_shapes], name
+        assert [o.dtype for o in out] == list(output_dtypes), name
+        return list(out)
+
+    return launch
+
+
+def test_kernel_launches_agree_with_their_fallbacks(monkeypatch):
+    """The Python side of each kernel's launch (inputs in order, template ints, output shapes) against the MLX
+    operations the same function runs without CUDA: a bfloat16 model with head sizes the qkv kernel takes (64
+    sliding, 128 full, keys = values) decodes through the compiled step with the rule on and each kernel emulated
+    from its launch arguments, and gives the logits it gives with the rule off."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+    from random_model import SHAPES, build_random_model
+
+    monkeypatch.setitem(SHAPES, "wiring-test", dict(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=6, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=64, global_head_dim=128, vocab_size=512, sliding_window=16))
+    model, _ = build_random_model("wiring-test", 16, seed=5)
+    for _, module in model.named_modules():  # distinct norm weights, so that a swapped pair shows
+        if isinstance(module, RMSNorm):
+            module.weight = mx.random.uniform(0.5, 1.5, module.weight.shape).astype(module.weight.dtype)
+    model.language_model.model.layers[0].layer_scalar = mx.array([0.5], mx.bfloat16)
+    prompt = mx.arange(30) % 500 + 10
+    following = [(11 * i) % 500 + 10 for i in range(20)]
+    plain = decoded_logits(model, prompt, following, False, monkeypatch)
+    calls = []
+    monkeypatch.setattr(fused_norms, "cuda_backend", lambda: True)
+    monkeypatch.setattr(fused_norms, "kernel", lambda name, eps: calls.append(name) or emulated_kernel(name, eps))
+    emulated = decoded_logits(model, prompt, following, True, monkeypatch)
+    assert set(calls) == {"qkv_heads", "residual_then_norm", "scaled_residual"}
+    assert np.abs(emulated - plain).max() < 1e-6
