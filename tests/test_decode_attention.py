@@ -2,6 +2,7 @@
 (tests marked `gpu`, run on a CUDA machine: they skip where CUDA is absent)."""
 
 import mlx.core as mx
+import numpy as np
 import pytest
 
 from mlx_gemma4 import attention, decode_attention
@@ -139,3 +140,69 @@ def test_kernels_run_inside_a_compiled_function():
     compiled = mx.compile(lambda q, k, v, m: decode_attention.attention(q, k, v, m))
     expected = decode_attention.attention(queries, key_rows, value_rows, mask)
     assert mx.array_equal(compiled(queries, key_rows, value_rows, mask), expected)
+
+
+def emulated_span_kernel(quantized: bool, masked: bool):
+    """The span kernel's contract in NumPy, read from its launch arguments: each block (key head, span) hands back
+    its query heads' maximum score, sum of exponentials and weighted value sum over its span of keys."""
+
+    def launch(inputs, template, grid, threadgroup, output_shapes, output_dtypes):
+        ints = dict(template)
+        head_dim, repeats, kv_heads = ints["D"], ints["R"], ints["KVH"]
+        spans = grid[0] // threadgroup[0] // kv_heads
+        parts = 3 if quantized else 1
+        queries, keys, values = inputs[0], inputs[1:1 + parts], inputs[1 + parts:1 + 2 * parts]
+        mask = np.array(inputs[-1]) if masked else None
+
+        def rows(stored):
+            if quantized:
+                packed, scales, biases = stored  # dequantized in float32, as the kernel does
+                return np.array(mx.dequantize(packed, scales.astype(mx.float32), biases.astype(mx.float32),
+                                              group_size=ints["GROUP"], bits=ints["BITS"]))
+            return np.array(stored[0].astype(mx.float32))
+
+        k, v = rows(keys)[0], rows(values)[0]
+        q = np.array(queries.astype(mx.float32)).reshape(kv_heads, repeats, head_dim)
+        total = k.shape[1]
+        per_span = -(-total // spans)
+        acc = np.zeros((kv_heads, spans, repeats, head_dim), np.float32)
+        ml = np.zeros((kv_heads, spans, repeats, 2), np.float32)
+        ml[..., 0] = -np.inf
+        for head in range(kv_heads):
+            for span in range(spans):
+                seen = np.arange(span * per_span, min(total, (span + 1) * per_span))
+                if mask is not None:
+                    seen = seen[mask[seen]]
+                if seen.size:
+                    scores = q[head] @ k[head, seen].T
+                    top = scores.max(axis=-1, keepdims=True)
+                    weights = np.exp(scores - top)
+                    acc[head, span] = weights @ v[head, seen]
+                    ml[head, span, :, 0], ml[head, span, :, 1] = top[:, 0], weights.sum(-1)
+        assert [acc.shape, ml.shape] == [tuple(shape) for shape in output_shapes]
+        return [mx.array(acc), mx.array(ml)]
+
+    return launch
+
+
+def emulated_merge(inputs, template, grid, threadgroup, output_shapes, output_dtypes):
+    span_acc, span_ml = (np.array(a) for a in inputs)
+    top = span_ml[..., 0].max(axis=1, keepdims=True)
+    weights = np.exp(span_ml[..., 0] - top)
+    out = (weights[..., None] * span_acc).sum(1) / (weights * span_ml[..., 1]).sum(1)[..., None]
+    return [mx.array(out.reshape(output_shapes[0])).astype(output_dtypes[0])]
+
+
+@pytest.mark.parametrize("bits", [None, 8])
+def test_kernel_launches_agree_with_the_reference(monkeypatch, bits):
+    """The Python side of the two launches (inputs in order, template ints, grid, output shapes), with each kernel
+    emulated from its launch arguments, against reference_attention; spans several keys long and a masked tail."""
+    monkeypatch.setattr(decode_attention, "span_kernel", emulated_span_kernel)
+    monkeypatch.setattr(decode_attention, "merge_kernel", lambda: emulated_merge)
+    for heads, kv_heads, keys, head_dim in ((16, 8, 300, 256), (16, 1, 2000, 512)):
+        queries, key_rows, value_rows = case(heads, kv_heads, keys, head_dim, bits=bits)
+        for mask in (None, mx.arange(keys) < keys - 37):
+            got = decode_attention.attention(queries, key_rows, value_rows, mask)
+            expected = reference_attention(queries, key_rows, value_rows, mask)
+            assert got.shape == expected.shape
+            assert mx.abs(got.astype(mx.float32) - expected.astype(mx.float32)).max().item() < 1.6e-2
