@@ -1,5 +1,5 @@
-"""A decoding step's norms, residual sums and rotary embeddings as three CUDA kernels instead of ~15 MLX operations
-a layer.
+"""A decoding step's norms, residual sums and rotary embeddings as three CUDA kernels instead of about a dozen MLX
+operations a layer.
 
 Around its four products a Gemma 4 layer normalises the queries, keys and values head by head, rotates the queries
 and keys, and normalises and adds each sublayer's output into the residual stream: on MLX's CUDA backend each is a
