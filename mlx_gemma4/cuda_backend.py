@@ -5,6 +5,9 @@ import os
 
 import mlx.core as mx
 
+# The activations our kernels take: 16-bit floats, as the tensor cores and the kernels' loads want them.
+ACTIVATION_DTYPES = (mx.bfloat16, mx.float16)
+
 
 def cuda_backend() -> bool:
     return mx.default_device() == mx.gpu and mx.cuda.is_available()

@@ -17,7 +17,7 @@ from typing import Optional
 
 import mlx.core as mx
 
-from .cuda_backend import cuda_backend, switched_on
+from .cuda_backend import ACTIVATION_DTYPES, cuda_backend, switched_on
 from .cuda_source import COMMON_HEADER, compact
 from .kv_cache import Rows, is_quantized, quantization_of, row_count
 
@@ -29,7 +29,6 @@ SWITCH = "MLX_GEMMA4_DECODE_ATTENTION"  # "0" turns the kernels off (A/B runs)
 # (h200-kernel-switch-ab-512.json): up to 2,048 keys is measured. A quantized cache always takes them: MLX's CUDA
 # backend would dequantize a whole copy of it at every step (0.5 GB a full layer at 262K keys).
 MAX_PLAIN_KEYS = 4096
-ACTIVATION_DTYPES = (mx.bfloat16, mx.float16)
 # Blocks to aim for: a warp's rounds run one memory latency each, so a span's time is its rounds; ~8 blocks for each
 # of an H200's 132 multiprocessors keeps a 262K-key full layer at ~130 rounds a warp.
 TARGET_BLOCKS = 1024

@@ -12,7 +12,7 @@ from .attention import scaled_dot_product_attention
 from .attention_mask import PositionMask
 from .config import FULL, SLIDING, TextConfig
 from .errors import Gemma4Error
-from .fused_norms import normalized_heads, query_key_value, residual_then_norm, scaled_residual
+from .fused_norms import heads_use_kernel, normalized_heads, query_key_value, residual_then_norm, scaled_residual
 from .kv_cache import FullCache, KVQuantization, WindowCache
 
 
@@ -124,11 +124,11 @@ class Attention(nn.Module):
 
     def __call__(self, x, mask, cache, offset: int, shared_kv: dict):
         batch, length, _ = x.shape
-        if "qkv" in self and not self.reuses_kv:
-            # One kernel for the heads' norms and rotations where fused_norms' rule allows.
+        if "qkv" in self and not self.reuses_kv and heads_use_kernel(x, self.head_dim):
+            # One kernel for the heads' norms and rotations, straight from the fused projection.
             queries, keys, values = query_key_value(
                 self.qkv(x), self.num_heads, self.num_kv_heads, self.head_dim, self.keys_are_values,
-                self.q_norm.weight, self.k_norm.weight, self.rope.wavelengths(), offset, self.eps, self.rope)
+                self.q_norm.weight, self.k_norm.weight, self.rope.wavelengths(), offset, self.eps)
         else:
             projected = self.project(x)
             shape = (batch, length, -1, self.head_dim)

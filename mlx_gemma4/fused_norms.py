@@ -12,8 +12,10 @@ Here, for at most MAX_ROWS tokens:
 - `scaled_residual`: (h + norm(m)) * layer scalar.
 
 Each rounds where the MLX operations round (mx.fast.rms_norm: x times the normaliser, rounded, times the weight,
-rounded; sums and products rounded to the activations' dtype), summing in float32. Each function runs the MLX
-operations instead where the rule says no: the CPU, Metal, prompt chunks, the switch off.
+rounded; sums and products rounded to the activations' dtype), summing in float32. Where the rule says no (the
+CPU, Metal, prompt chunks, the switch off) the MLX operations run instead: inside `residual_then_norm` and
+`scaled_residual`, and for the heads in `normalized_heads`, which decoder.Attention takes from its split
+projections when `heads_use_kernel` says no.
 """
 
 from functools import lru_cache
@@ -21,12 +23,11 @@ from typing import Optional, Union
 
 import mlx.core as mx
 
-from .cuda_backend import cuda_backend, switched_on
+from .cuda_backend import ACTIVATION_DTYPES, cuda_backend, switched_on
 from .cuda_source import COMMON_HEADER, compact
 
 SWITCH = "MLX_GEMMA4_FUSED_NORMS"  # "0" turns the kernels off (A/B runs)
 MAX_ROWS = 16
-ACTIVATION_DTYPES = (mx.bfloat16, mx.float16)
 ROW_THREADS = 512  # threads normalising one row of the residual stream
 
 HEADER = COMMON_HEADER + r"""
@@ -214,19 +215,21 @@ def rms_norm(x: mx.array, weight: Optional[mx.array], eps: float) -> mx.array:
     return mx.fast.rms_norm(x, weight, eps)
 
 
+def heads_use_kernel(x: mx.array, head_dim: int) -> bool:
+    """query_key_value's rule for a layer's input x (batch, tokens, hidden): uses_kernels, one sequence, head sizes
+    a multiple of 64 (a lane holds head_dim / 64 numbers of each half)."""
+    return x.shape[0] == 1 and head_dim % 64 == 0 and uses_kernels(x)
+
+
 def query_key_value(qkv: mx.array, heads: int, kv_heads: int, head_dim: int, keys_are_values: bool,
                     q_weight: mx.array, k_weight: mx.array, wavelengths: mx.array, offset: Union[int, mx.array],
-                    eps: float, rope) -> tuple:
-    """(queries (batch, heads, tokens, head_dim), keys, values (batch, kv_heads, tokens, head_dim)) from the fused
-    projection's output qkv (batch, tokens, width): each head normalised (queries and keys with their weights,
-    values without), queries and keys rotated by `rope` (decoder.RotaryEmbedding, of these `wavelengths`) from
-    position `offset`. With `keys_are_values` the values are the keys before their norm and rotation."""
-    batch, tokens, _ = qkv.shape
-    if not (batch == 1 and uses_kernels(qkv) and head_dim % 64 == 0):
-        pieces = mx.split(qkv, [heads * head_dim, (heads + kv_heads) * head_dim], axis=-1)
-        raw_queries, raw_keys = (p.reshape(batch, tokens, -1, head_dim) for p in pieces[:2])
-        raw_values = raw_keys if keys_are_values else pieces[2].reshape(batch, tokens, -1, head_dim)
-        return normalized_heads(raw_queries, raw_keys, raw_values, q_weight, k_weight, offset, eps, rope)
+                    eps: float) -> tuple:
+    """(queries (1, heads, tokens, head_dim), keys, values (1, kv_heads, tokens, head_dim)) from the fused
+    projection's output qkv (1, tokens, width), as normalized_heads computes them from the split projections: each
+    head normalised (queries and keys with their weights, values without), queries and keys rotated (RoPE of these
+    `wavelengths`) from position `offset`. With `keys_are_values` the values are the keys before their norm and
+    rotation. Call only where heads_use_kernel says so."""
+    tokens = qkv.shape[1]
     position = offset.astype(mx.int32).reshape(1) if isinstance(offset, mx.array) else mx.array([offset], mx.int32)
     jobs = tokens * (heads + 2 * kv_heads)
     warps_per_block = 4
@@ -244,8 +247,9 @@ def query_key_value(qkv: mx.array, heads: int, kv_heads: int, head_dim: int, key
 
 def normalized_heads(raw_queries: mx.array, raw_keys: Optional[mx.array], raw_values: Optional[mx.array],
                      q_weight: mx.array, k_weight: Optional[mx.array], offset, eps: float, rope) -> tuple:
-    """The same through MLX operations, from the projections as (batch, tokens, heads, head_dim); without raw_keys
-    (a layer reusing another's keys and values) keys and values are None."""
+    """Queries, keys and values through MLX operations, from the projections as (batch, tokens, heads, head_dim):
+    normalised, then queries and keys rotated by `rope` (decoder.RotaryEmbedding) from position `offset`. Without
+    raw_keys (a layer reusing another's keys and values) keys and values are None."""
     queries = rope(rms_norm(raw_queries, q_weight, eps).transpose(0, 2, 1, 3), offset)
     if raw_keys is None:
         return queries, None, None

@@ -23,7 +23,7 @@ from functools import lru_cache
 
 import mlx.core as mx
 
-from .cuda_backend import cuda_backend, switched_on
+from .cuda_backend import ACTIVATION_DTYPES, cuda_backend, switched_on
 from .cuda_source import COMMON_HEADER, compact
 
 # "0" turns the kernel off (for A/B runs). On by default: on an H200 at the 12B shape, our compiled decoding step took
@@ -32,7 +32,6 @@ SWITCH = "MLX_GEMMA4_MATVEC"
 MAX_ROWS = 16  # rows of x one pass takes: two 8-column tiles of the tensor-core product
 SUPPORTED_BITS = (4, 8)
 SUPPORTED_GROUPS = (32, 64, 128)
-ACTIVATION_DTYPES = (mx.bfloat16, mx.float16)
 FLOAT_DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 # Work sizing: a block's warps split K; enough blocks to give every multiprocessor of a large GPU two or more.
 MULTIPROCESSORS = 132

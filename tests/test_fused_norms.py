@@ -66,7 +66,7 @@ def test_query_key_value_kernel_matches_the_mlx_operations(head_dim, heads, kv_h
     qkv, q_weight, k_weight, rope = heads_case(head_dim, heads, kv_heads, keys_are_values, tokens, dtype)
     for offset in (0, 1000, mx.array([200_000])):
         got = query_key_value(qkv, heads, kv_heads, head_dim, keys_are_values, q_weight, k_weight,
-                              rope.wavelengths(), offset, EPS, rope)
+                              rope.wavelengths(), offset, EPS)
         pieces = mx.split(qkv, [heads * head_dim, (heads + kv_heads) * head_dim], axis=-1)
         raw = [p.reshape(1, tokens, -1, head_dim) for p in pieces]
         expected = normalized_heads(raw[0], raw[1], raw[1] if keys_are_values else raw[2], q_weight, k_weight,
