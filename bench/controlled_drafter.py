@@ -11,6 +11,8 @@ import random
 
 import mlx.core as mx
 
+from mlx_gemma4.draft_policy import DraftPolicy
+
 # Logit of the proposed token; every other token gets its negative. Far beyond any real logit after softcapping.
 CHOSEN_LOGIT = 1e4
 
@@ -22,6 +24,8 @@ class ControlledDrafter:
         self.acceptance, self.vocab_size = acceptance, vocab_size
         self.random = random.Random(seed)
         self.round_position, self.step = None, 0
+        # Its own adaptive policy (speculative.py reads a drafter's): what it learns is this acceptance rate's.
+        self.draft_policy = DraftPolicy()
 
     def proposal(self, position: int) -> int:
         self.step = self.step + 1 if position == self.round_position else 0

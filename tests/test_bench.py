@@ -137,6 +137,19 @@ def test_default_four_bit_random_pair_runs_with_layers_narrower_than_a_group_lef
     assert json.loads(path.read_text())["mtp"][0]["generated_tokens"] == 4
 
 
+def test_controlled_acceptance_runs_with_adaptive_and_fixed_draft_lengths(tmp_path):
+    path = tmp_path / "results.json"
+    bench.main(["--random", "tiny", "--bits", "32", "--random-draft", "--prompt-tokens", "20", "--gen-tokens", "12",
+                "--repeat", "1", "--num-draft-tokens", "adaptive,2", "--controlled-acceptance", "1.0",
+                "--json", str(path)])
+    controlled = [row for row in json.loads(path.read_text())["mtp"] if row.get("controlled_acceptance") == 1.0]
+    assert {row["num_draft_tokens"] for row in controlled} == {"adaptive", 2}
+    for row in controlled:  # every draft is the target's own greedy token: all kept, and the output is plain greedy
+        assert row["tokens_agreeing_with_ours"] == row["generated_tokens"] == 12
+    fixed = next(row for row in controlled if row["num_draft_tokens"] == 2)
+    assert fixed["tokens_per_target_pass"] > 2
+
+
 def test_quality_study_scores_dequantized_weights_that_compute_the_quantized_model():
     sys.path.insert(0, str(BENCH / "studies"))
     from quant_quality import dequantized
