@@ -4,10 +4,14 @@ On the CUDA backend MLX's own quantized matmul reads a tenth of the card's bandw
 pass of the weights again for every further row, so decoding and the speculative verify pass are bound by it. Here
 the weights stream through the tensor cores instead: a warp holds a 16-row tile of W, turns its 4- or 8-bit codes
 into exact small integers in bfloat16 (float16 for float16 activations), and multiplies them with up to 16 rows of
-x by `mma.m16n8k16`, accumulating in float32. Each lane loads the piece of a row that the tensor core's fragment
-layout wants from it, so codes go from memory to the tensor cores without passing between lanes. Each group's
-integer products are folded into the row's sum as `scale * sum(q * x) + bias * sum(x)`, the second sum taken by
-one more product with a tile of ones.
+x by `mma.m16n8k16`, accumulating in float32. Each group's integer products are folded into the row's sum as
+`scale * sum(q * x) + bias * sum(x)`, the second sum taken by one more product with a tile of ones.
+
+The weights reach each warp through a ring of stages in shared memory, filled by asynchronous copies (`cp.async`) a
+few chunks ahead of the multiplications; each lane then reads from a stage the piece of a row that the tensor core's
+fragment layout wants from it. The bytes in flight take no registers, so more warps fit on a multiprocessor than
+when each warp held its next chunks in registers (60 registers a thread against 102 on sm_90, for the 12B's large
+shapes), and a warp's loads never wait for its arithmetic.
 
 Every output row is summed in an order fixed by the weight's shape alone (which warp takes which slice of K, the
 order of the slices and of the final sum across warps), never by how many rows of x come along: a row's result is
@@ -20,6 +24,7 @@ product the kernel is tested against.
 
 import math
 from functools import lru_cache
+from typing import Optional
 
 import mlx.core as mx
 
@@ -27,31 +32,48 @@ from .cuda_backend import ACTIVATION_DTYPES, cuda_backend, switched_on
 from .cuda_source import COMMON_HEADER, compact
 
 # "0" turns the kernel off (for A/B runs). On by default: on an H200 at the 12B shape, our compiled decoding step took
-# 8.34 ms with it against 10.77 ms without, kernel on and off in turns (bench/results/h200-matvec-decode-ab.json).
+# 8.34 ms with its first version against 10.77 ms without, kernel on and off in turns
+# (bench/results/h200-matvec-decode-ab.json).
 SWITCH = "MLX_GEMMA4_MATVEC"
 MAX_ROWS = 16  # rows of x one pass takes: two 8-column tiles of the tensor-core product
 SUPPORTED_BITS = (4, 8)
 SUPPORTED_GROUPS = (32, 64, 128)
 FLOAT_DTYPES = (mx.bfloat16, mx.float16, mx.float32)
-# Work sizing: a block's warps split K; enough blocks to give every multiprocessor of a large GPU two or more.
+# Work sizing: each warp takes two 16-row tiles (its x rows' loads and the sums of x then serve 32 weight rows); a
+# block's warps split K, 4 of them when there are blocks enough to fill a large GPU's 132 multiprocessors four times
+# over, else 8. Measured on an H200 (bench/results/h200-matvec-plans.json) against one tile a warp and other splits.
 MULTIPROCESSORS = 132
-WIDE_TILE_ROWS = 8448  # at and above this many output rows a warp takes two 16-row tiles
+TILES_PER_WARP = 2
+# Shared memory for a block's rings: at most this much by default, so that several blocks share a multiprocessor.
+SHARED_BYTES = 40 << 10
+MAX_STAGES = 4
 
 
 HEADER = COMMON_HEADER + r"""
 
-// Weights are read once: bypass L1 so that the rows of x, which every block reads, stay there.
-template <int WORDS>
-__device__ __forceinline__ void load_streaming(const uint32_t* p, uint32_t (&v)[WORDS]) {
-  if constexpr (WORDS == 4) {
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(v[0]), "=r"(v[1]), "=r"(v[2]), "=r"(v[3]) : "l"(p));
-  } else if constexpr (WORDS == 2) {
-    asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0,%1}, [%2];" : "=r"(v[0]), "=r"(v[1]) : "l"(p));
-  } else {
-    asm volatile("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(v[0]) : "l"(p));
-  }
+// Asynchronous copies from global to shared memory: the bytes in flight wait in shared memory, not in registers, so
+// a warp can keep several stages of weights on their way while it multiplies one. Weights go through L2 only (.cg),
+// leaving L1 to the rows of x, which every block reads.
+__device__ __forceinline__ void copy_16_bytes(uint32_t* shared, const uint32_t* global) {
+  const unsigned at = static_cast<unsigned>(__cvta_generic_to_shared(shared));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(at), "l"(global));
 }
+__device__ __forceinline__ void copy_4_bytes(uint32_t* shared, const uint32_t* global) {
+  const unsigned at = static_cast<unsigned>(__cvta_generic_to_shared(shared));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" :: "r"(at), "l"(global));
+}
+__device__ __forceinline__ void commit_copies() { asm volatile("cp.async.commit_group;"); }
+template <int PENDING>
+__device__ __forceinline__ void wait_copies() { asm volatile("cp.async.wait_group %0;" :: "n"(PENDING)); }
+
+// A scale or bias from the aligned 32-bit word that holds it (16-bit values: the half `odd` names).
+__device__ __forceinline__ float from_word(uint32_t word, bool odd, __nv_bfloat16*) {
+  return __uint_as_float((odd ? word >> 16 : word & 0xFFFFu) << 16);
+}
+__device__ __forceinline__ float from_word(uint32_t word, bool odd, __half*) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(odd ? word >> 16 : word & 0xFFFFu)));
+}
+__device__ __forceinline__ float from_word(uint32_t word, bool, float*) { return __uint_as_float(word); }
 
 template <bool BF16>
 __device__ __forceinline__ void mma_16x8x16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
@@ -93,10 +115,10 @@ __device__ __forceinline__ uint32_t byte_pair(uint32_t w, int i, int j) {
 """
 
 # Template ints: BITS, GROUP, N (output rows), K, RT (16-row tiles per warp), KSPLIT (warps per block, splitting K),
-# DEPTH (chunks of weights each warp loads before using them), NT (8-column tiles of x rows), X_BF16.
+# STAGES (chunks of weights in each warp's ring in shared memory), NT (8-column tiles of x rows), X_BF16.
 SOURCE = r"""
-  // A chunk is what a quad of lanes (t = lane % 4) loads from one weight row at once: four consecutive pieces of
-  // LOAD_WORDS words, piece t to lane t, spanning one quantization group (half of one, for 8 bits in groups of
+  // A chunk is what a quad of lanes (t = lane % 4) multiplies from one weight row at once: four consecutive pieces
+  // of LOAD_WORDS words, piece t to lane t, spanning one quantization group (half of one, for 8 bits in groups of
   // 128). A tensor-core step takes four codes from each lane of the quad, so every step stays in one group.
   constexpr int LOAD_WORDS = GROUP * BITS / 128 < 4 ? GROUP * BITS / 128 : 4;
   constexpr int CODES_PER_WORD = 32 / BITS;
@@ -106,16 +128,50 @@ SOURCE = r"""
   constexpr int WORDS_PER_ROW = K * BITS / 32;
   constexpr int GROUPS = K / GROUP;
   constexpr int ROWS = 16 * RT;
+  // A stage of a warp's ring: its rows' chunk of weights (LOAD_WORDS 16-byte pieces a row), then one 32-bit word of
+  // scales and one of biases a row (the aligned word holding the row's 16-bit value).
+  constexpr int ROW_WORDS = 4 * LOAD_WORDS;
+  constexpr int STAGE_WORDS = ROWS * ROW_WORDS + 2 * ROWS;
   constexpr uint32_t ONES = X_BF16 ? 0x3F803F80u : 0x3C003C00u;
   constexpr float CODE_OFFSET = X_BF16 ? (BITS == 4 ? 128.0f : 0.0f) : 1024.0f;
   using ScaleT = typename element_of<decltype(scales)>::type;
-  __shared__ float partial[KSPLIT][ROWS][NT * 8];
+  constexpr int SCALES_PER_WORD = 4 / sizeof(ScaleT);
+  // The warps' rings, later their partial sums: launch_plan's shared_bytes, asked for at launch.
+  extern __shared__ uint4 shared_raw[];
+  uint32_t* shared_words = reinterpret_cast<uint32_t*>(shared_raw);
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int M = x_shape[0];
   const int row0 = blockIdx.x * ROWS;
   const uint32_t ones_a[4] = {ONES, ONES, ONES, ONES};
+  const uint32_t* scale_words = reinterpret_cast<const uint32_t*>(scales);
+  const uint32_t* bias_words = reinterpret_cast<const uint32_t*>(biases);
+  uint32_t* ring = shared_words + warp * STAGES * STAGE_WORDS;
+  // This warp's chunks are warp, warp + KSPLIT, ...: the i-th goes to stage i % STAGES of its ring.
+  const int my_chunks = warp < CHUNKS ? (CHUNKS - 1 - warp) / KSPLIT + 1 : 0;
+
+  // Every call commits one group of copies, empty past the last chunk, so that waiting for all but the newest
+  // STAGES - 1 groups always means the oldest stage has landed.
+  auto fetch = [&](int i) {
+    if (i < my_chunks) {
+      const int c = warp + i * KSPLIT;
+      uint32_t* stage = ring + (i % STAGES) * STAGE_WORDS;
+      #pragma unroll
+      for (int p = lane; p < ROWS * LOAD_WORDS; p += 32) {  // 16-byte pieces, a row's in a row
+        const int r = p / LOAD_WORDS, q = p % LOAD_WORDS;
+        const int row = min(row0 + r, N - 1);  // rows past the end read the last one: never stored
+        copy_16_bytes(stage + r * ROW_WORDS + 4 * q, w + (size_t)row * WORDS_PER_ROW + c * ROW_WORDS + 4 * q);
+      }
+      #pragma unroll
+      for (int p = lane; p < 2 * ROWS; p += 32) {
+        const int r = p % ROWS;
+        const size_t at = (size_t)min(row0 + r, N - 1) * GROUPS + c * CHUNK / GROUP;
+        copy_4_bytes(stage + ROWS * ROW_WORDS + p, (p < ROWS ? scale_words : bias_words) + at / SCALES_PER_WORD);
+      }
+    }
+    commit_copies();
+  };
 
   float total[RT][NT][4];
   #pragma unroll
@@ -125,118 +181,115 @@ SOURCE = r"""
       #pragma unroll
       for (int i = 0; i < 4; ++i) total[r][n][i] = 0.0f;
 
-  for (int first = warp; first < CHUNKS; first += KSPLIT * DEPTH) {
-    // The batch's weights, scales and biases are all asked for before any is used: one memory latency per batch.
-    uint32_t loaded[DEPTH][RT][2][LOAD_WORDS];
-    ScaleT scale[DEPTH][RT][2], bias[DEPTH][RT][2];
+  #pragma unroll
+  for (int i = 0; i < STAGES - 1; ++i) fetch(i);
+  for (int i = 0; i < my_chunks; ++i) {
+    fetch(i + STAGES - 1);
+    wait_copies<STAGES - 1>();
+    __syncwarp();  // every lane's copies of stage i have landed
+    const int c = warp + i * KSPLIT;
+    const uint32_t* stage = ring + (i % STAGES) * STAGE_WORDS;
+    uint32_t loaded[RT][2][LOAD_WORDS];
+    float scale[RT][2], bias[RT][2];
     #pragma unroll
-    for (int d = 0; d < DEPTH; ++d) {
-      const int c = first + d * KSPLIT;
+    for (int r = 0; r < RT; ++r)
       #pragma unroll
-      for (int r = 0; r < RT; ++r)
+      for (int h = 0; h < 2; ++h) {
+        const int local = r * 16 + g + 8 * h;
         #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int row = row0 + r * 16 + g + 8 * h;
-          if (c < CHUNKS && row < N) {
-            load_streaming(w + (size_t)row * WORDS_PER_ROW + (c * 4 + t) * LOAD_WORDS, loaded[d][r][h]);
-          } else {
-            #pragma unroll
-            for (int j = 0; j < LOAD_WORDS; ++j) loaded[d][r][h][j] = 0;
-          }
-          // Rows and chunks past the end read the last scales instead: those sums are never stored.
-          const size_t at = (size_t)min(row, N - 1) * GROUPS + min(c * CHUNK / GROUP, GROUPS - 1);
-          scale[d][r][h] = scales[at];
-          bias[d][r][h] = biases[at];
-        }
-    }
+        for (int j = 0; j < LOAD_WORDS; ++j) loaded[r][h][j] = stage[local * ROW_WORDS + t * LOAD_WORDS + j];
+        const size_t at = (size_t)min(row0 + local, N - 1) * GROUPS + c * CHUNK / GROUP;
+        const bool odd = SCALES_PER_WORD == 2 && (at & 1);
+        scale[r][h] = from_word(stage[ROWS * ROW_WORDS + local], odd, (ScaleT*)nullptr);
+        bias[r][h] = from_word(stage[ROWS * ROW_WORDS + ROWS + local], odd, (ScaleT*)nullptr);
+      }
+    float acc[RT][NT][4], sums[NT][4];
     #pragma unroll
-    for (int d = 0; d < DEPTH; ++d) {
-      const int c = first + d * KSPLIT;
-      if (c >= CHUNKS) break;  // the same for the whole warp
-      float acc[RT][NT][4], sums[NT][4];
+    for (int n = 0; n < NT; ++n)
       #pragma unroll
-      for (int n = 0; n < NT; ++n)
+      for (int e = 0; e < 4; ++e) {
+        sums[n][e] = 0.0f;
         #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          sums[n][i] = 0.0f;
-          #pragma unroll
-          for (int r = 0; r < RT; ++r) acc[r][n][i] = 0.0f;
+        for (int r = 0; r < RT; ++r) acc[r][n][e] = 0.0f;
+      }
+    #pragma unroll
+    for (int j = 0; j < LOAD_WORDS; ++j) {
+      const int k = c * CHUNK + t * CODES_PER_LANE + j * CODES_PER_WORD;  // this lane's codes of word j
+      if constexpr (BITS == 4) {
+        uint4 xs[NT];
+        #pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          const int m = n * 8 + g;
+          xs[n] = m < M ? __ldg(reinterpret_cast<const uint4*>(x + (size_t)m * K + k)) : make_uint4(0, 0, 0, 0);
         }
-      #pragma unroll
-      for (int j = 0; j < LOAD_WORDS; ++j) {
-        const int k = c * CHUNK + t * CODES_PER_LANE + j * CODES_PER_WORD;  // this lane's codes of word j
-        if constexpr (BITS == 4) {
-          uint4 xs[NT];
-          #pragma unroll
-          for (int n = 0; n < NT; ++n) {
-            const int m = n * 8 + g;
-            xs[n] = m < M ? __ldg(reinterpret_cast<const uint4*>(x + (size_t)m * K + k)) : make_uint4(0, 0, 0, 0);
-          }
-          #pragma unroll
-          for (int step = 0; step < 2; ++step) {
-            uint32_t b0[NT], b1[NT];
-            #pragma unroll
-            for (int n = 0; n < NT; ++n) {
-              const uint32_t lo = step ? xs[n].y : xs[n].x, hi = step ? xs[n].w : xs[n].z;
-              b0[n] = __byte_perm(lo, hi, 0x5410);  // x[k + 2 step], x[k + 2 step + 4]
-              b1[n] = __byte_perm(lo, hi, 0x7632);  // x[k + 2 step + 1], x[k + 2 step + 5]
-            }
-            #pragma unroll
-            for (int r = 0; r < RT; ++r) {
-              const uint32_t a[4] = {
-                  nibble_pair<X_BF16>(loaded[d][r][0][j], 8 * step), nibble_pair<X_BF16>(loaded[d][r][1][j], 8 * step),
-                  nibble_pair<X_BF16>(loaded[d][r][0][j], 8 * step + 4),
-                  nibble_pair<X_BF16>(loaded[d][r][1][j], 8 * step + 4)};
-              #pragma unroll
-              for (int n = 0; n < NT; ++n) mma_16x8x16<X_BF16>(acc[r][n], a, b0[n], b1[n]);
-            }
-            #pragma unroll
-            for (int n = 0; n < NT; ++n) mma_16x8x16<X_BF16>(sums[n], ones_a, b0[n], b1[n]);
-          }
-        } else {
+        #pragma unroll
+        for (int step = 0; step < 2; ++step) {
           uint32_t b0[NT], b1[NT];
           #pragma unroll
           for (int n = 0; n < NT; ++n) {
-            const int m = n * 8 + g;
-            const uint2 xv = m < M ? __ldg(reinterpret_cast<const uint2*>(x + (size_t)m * K + k)) : make_uint2(0, 0);
-            b0[n] = xv.x;
-            b1[n] = xv.y;
+            const uint32_t lo = step ? xs[n].y : xs[n].x, hi = step ? xs[n].w : xs[n].z;
+            b0[n] = __byte_perm(lo, hi, 0x5410);  // x[k + 2 step], x[k + 2 step + 4]
+            b1[n] = __byte_perm(lo, hi, 0x7632);  // x[k + 2 step + 1], x[k + 2 step + 5]
           }
           #pragma unroll
           for (int r = 0; r < RT; ++r) {
-            const uint32_t a[4] = {byte_pair<X_BF16>(loaded[d][r][0][j], 0, 1), byte_pair<X_BF16>(loaded[d][r][1][j], 0, 1),
-                                   byte_pair<X_BF16>(loaded[d][r][0][j], 2, 3), byte_pair<X_BF16>(loaded[d][r][1][j], 2, 3)};
+            const uint32_t a[4] = {
+                nibble_pair<X_BF16>(loaded[r][0][j], 8 * step), nibble_pair<X_BF16>(loaded[r][1][j], 8 * step),
+                nibble_pair<X_BF16>(loaded[r][0][j], 8 * step + 4),
+                nibble_pair<X_BF16>(loaded[r][1][j], 8 * step + 4)};
             #pragma unroll
             for (int n = 0; n < NT; ++n) mma_16x8x16<X_BF16>(acc[r][n], a, b0[n], b1[n]);
           }
           #pragma unroll
           for (int n = 0; n < NT; ++n) mma_16x8x16<X_BF16>(sums[n], ones_a, b0[n], b1[n]);
         }
-      }
-      #pragma unroll
-      for (int r = 0; r < RT; ++r) {
-        // sum((offset + q) x) s + (b - offset s) sum(x) = sum(q x) s + b sum(x)
-        const float s0 = to_float(scale[d][r][0]), b0 = fmaf(-CODE_OFFSET, s0, to_float(bias[d][r][0]));
-        const float s1 = to_float(scale[d][r][1]), b1 = fmaf(-CODE_OFFSET, s1, to_float(bias[d][r][1]));
+      } else {
+        uint32_t b0[NT], b1[NT];
         #pragma unroll
         for (int n = 0; n < NT; ++n) {
-          total[r][n][0] = fmaf(b0, sums[n][0], fmaf(s0, acc[r][n][0], total[r][n][0]));
-          total[r][n][1] = fmaf(b0, sums[n][1], fmaf(s0, acc[r][n][1], total[r][n][1]));
-          total[r][n][2] = fmaf(b1, sums[n][2], fmaf(s1, acc[r][n][2], total[r][n][2]));
-          total[r][n][3] = fmaf(b1, sums[n][3], fmaf(s1, acc[r][n][3], total[r][n][3]));
+          const int m = n * 8 + g;
+          const uint2 xv = m < M ? __ldg(reinterpret_cast<const uint2*>(x + (size_t)m * K + k)) : make_uint2(0, 0);
+          b0[n] = xv.x;
+          b1[n] = xv.y;
         }
+        #pragma unroll
+        for (int r = 0; r < RT; ++r) {
+          const uint32_t a[4] = {byte_pair<X_BF16>(loaded[r][0][j], 0, 1), byte_pair<X_BF16>(loaded[r][1][j], 0, 1),
+                                 byte_pair<X_BF16>(loaded[r][0][j], 2, 3), byte_pair<X_BF16>(loaded[r][1][j], 2, 3)};
+          #pragma unroll
+          for (int n = 0; n < NT; ++n) mma_16x8x16<X_BF16>(acc[r][n], a, b0[n], b1[n]);
+        }
+        #pragma unroll
+        for (int n = 0; n < NT; ++n) mma_16x8x16<X_BF16>(sums[n], ones_a, b0[n], b1[n]);
       }
     }
+    #pragma unroll
+    for (int r = 0; r < RT; ++r) {
+      // sum((offset + q) x) s + (b - offset s) sum(x) = sum(q x) s + b sum(x)
+      const float s0 = scale[r][0], b0 = fmaf(-CODE_OFFSET, s0, bias[r][0]);
+      const float s1 = scale[r][1], b1 = fmaf(-CODE_OFFSET, s1, bias[r][1]);
+      #pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        total[r][n][0] = fmaf(b0, sums[n][0], fmaf(s0, acc[r][n][0], total[r][n][0]));
+        total[r][n][1] = fmaf(b0, sums[n][1], fmaf(s0, acc[r][n][1], total[r][n][1]));
+        total[r][n][2] = fmaf(b1, sums[n][2], fmaf(s1, acc[r][n][2], total[r][n][2]));
+        total[r][n][3] = fmaf(b1, sums[n][3], fmaf(s1, acc[r][n][3], total[r][n][3]));
+      }
+    }
+    __syncwarp();  // stage i is free for the copies the next round starts
   }
 
+  __syncthreads();  // every warp is done with its ring: the same shared memory now takes the warps' partial sums
+  float* partial = reinterpret_cast<float*>(shared_words);
   #pragma unroll
   for (int r = 0; r < RT; ++r)
     #pragma unroll
     for (int n = 0; n < NT; ++n) {
-      partial[warp][r * 16 + g][n * 8 + 2 * t] = total[r][n][0];
-      partial[warp][r * 16 + g][n * 8 + 2 * t + 1] = total[r][n][1];
-      partial[warp][r * 16 + g + 8][n * 8 + 2 * t] = total[r][n][2];
-      partial[warp][r * 16 + g + 8][n * 8 + 2 * t + 1] = total[r][n][3];
+      float* own = partial + (warp * ROWS + r * 16 + g) * NT * 8 + n * 8 + 2 * t;
+      own[0] = total[r][n][0];
+      own[1] = total[r][n][1];
+      own[8 * NT * 8] = total[r][n][2];
+      own[8 * NT * 8 + 1] = total[r][n][3];
     }
   __syncthreads();
   for (int i = threadIdx.x; i < ROWS * NT * 8; i += KSPLIT * 32) {
@@ -244,7 +297,7 @@ SOURCE = r"""
     if (row0 + row < N && column < M) {
       float sum = 0.0f;
       #pragma unroll
-      for (int s = 0; s < KSPLIT; ++s) sum += partial[s][row][column];
+      for (int s = 0; s < KSPLIT; ++s) sum += partial[(s * ROWS + row) * NT * 8 + column];
       store(out + (size_t)column * N + row0 + row, sum);
     }
   }
@@ -252,27 +305,36 @@ SOURCE = r"""
 
 
 @lru_cache(maxsize=None)
-def few_row_kernel():
+def few_row_kernel(shared_bytes: int):
+    """The kernel, launched with `shared_bytes` of dynamic shared memory (MLX raises a launch's limit past 48 KB)."""
     return mx.fast.cuda_kernel(
         name="gemma4_quantized_few_rows",
         input_names=["x", "w", "scales", "biases"],
         output_names=["out"],
         source=compact(SOURCE),
         header=compact(HEADER),
+        shared_memory=shared_bytes,
     )
 
 
-def launch_plan(output_rows: int, input_dims: int, bits: int, group_size: int, rows_of_x: int) -> dict:
-    """Template ints for one product. Tiles per warp (RT) and the chunks each warp loads before using them (DEPTH)
-    follow the size of W; how K is split among a block's warps (KSPLIT) follows W's shape and format alone, never
-    the number of rows of x, so that each row's sum keeps its order."""
+def launch_plan(output_rows: int, input_dims: int, bits: int, group_size: int, rows_of_x: int,
+                tiles: Optional[int] = None, split: Optional[int] = None, stages: Optional[int] = None) -> dict:
+    """Template ints for one product: TILES_PER_WARP 16-row tiles per warp (RT); how K is split among a
+    block's warps (KSPLIT) follows W's shape and format alone, never the number of rows of x, so that each row's sum
+    keeps its order; each warp's ring gets as many stages (STAGES) as the shared memory holds, up to MAX_STAGES.
+    `tiles`, `split` and `stages` override the defaults (for launch-plan studies)."""
     load_words = min(4, group_size * bits // 128)  # per lane and chunk; a chunk spans at most one group
     chunks = input_dims // (4 * load_words * 32 // bits)
-    tiles = 2 if output_rows >= WIDE_TILE_ROWS else 1
+    tiles = tiles or TILES_PER_WARP
     blocks = math.ceil(output_rows / (16 * tiles))
-    split = min(16 if blocks < 2 * MULTIPROCESSORS else 8, chunks)
-    depth = min(max(1, min(4, 8 // load_words) // tiles), math.ceil(chunks / split))  # bytes in flight per lane
-    return {"RT": tiles, "KSPLIT": split, "DEPTH": depth, "NT": 1 if rows_of_x <= 8 else 2, "blocks": blocks}
+    split = min(split or (4 if blocks >= 4 * MULTIPROCESSORS else 8), chunks)
+    stage_bytes = 16 * tiles * (16 * load_words + 8)  # weights, then a 32-bit word of scales and one of biases a row
+    stages = stages or max(2, min(MAX_STAGES, SHARED_BYTES // (split * stage_bytes)))
+    columns = 8 if rows_of_x <= 8 else 16
+    # The rings, or after them the warps' partial sums (float32, rows x columns), whichever is larger.
+    shared_bytes = max(split * stages * stage_bytes, split * 16 * tiles * columns * 4)
+    return {"RT": tiles, "KSPLIT": split, "STAGES": stages, "NT": columns // 8,
+            "blocks": blocks, "shared_bytes": shared_bytes}
 
 
 def uses_kernel(x: mx.array, w: mx.array, scales: mx.array, biases, group_size: int, bits: int, mode: str) -> bool:
@@ -288,16 +350,19 @@ def uses_kernel(x: mx.array, w: mx.array, scales: mx.array, biases, group_size: 
     return x.shape[-1] == input_dims and input_dims % group_size == 0 and math.prod(x.shape[:-1]) <= MAX_ROWS
 
 
-def few_row_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int):
+def few_row_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int,
+                   plan: Optional[dict] = None):
+    """The kernel's product; `plan` (from launch_plan) defaults to launch_plan's own choice for these shapes."""
     output_rows, input_dims = w.shape[0], x.shape[-1]
     rows = x.reshape(-1, input_dims)
-    plan = launch_plan(output_rows, input_dims, bits, group_size, rows.shape[0])
+    plan = plan or launch_plan(output_rows, input_dims, bits, group_size, rows.shape[0])
     threads = 32 * plan["KSPLIT"]
     out_dtype = result_dtype(x.dtype, scales.dtype)
-    (out,) = few_row_kernel()(
+    (out,) = few_row_kernel(plan["shared_bytes"])(
         inputs=[rows, w, scales, biases],
         template=[("BITS", bits), ("GROUP", group_size), ("N", output_rows), ("K", input_dims),
-                  ("RT", plan["RT"]), ("KSPLIT", plan["KSPLIT"]), ("DEPTH", plan["DEPTH"]), ("NT", plan["NT"]),
+                  ("RT", plan["RT"]), ("KSPLIT", plan["KSPLIT"]),
+                  ("STAGES", plan["STAGES"]), ("NT", plan["NT"]),
                   ("X_BF16", x.dtype == mx.bfloat16)],
         grid=(plan["blocks"] * threads, 1, 1),
         threadgroup=(threads, 1, 1),
