@@ -33,6 +33,9 @@ MAX_PLAIN_KEYS = 4096
 # of an H200's 132 multiprocessors keeps a 262K-key full layer at ~130 rounds a warp.
 TARGET_BLOCKS = 1024
 MIN_SPAN = 16  # keys a block takes at least: below that the merge costs more than the split gains
+# Spans a key head can have at most (launch_plan keeps to it): the merge keeps a weight a span in shared memory.
+MAX_SPANS = TARGET_BLOCKS + 64
+MERGE_THREADS = 256  # 8 warps a merge block (the kernel's PARTS)
 KEY_FLOATS_PER_ROUND = 1024  # a round's keys x head size: 4 keys of 256 or 2 of 512, in 64 registers with values
 
 HEADER = COMMON_HEADER + r"""
@@ -217,24 +220,61 @@ QUANTIZED_LOAD = (
 MASKED = "#define VISIBLE(t) mask[t]\n"
 UNMASKED = "#define VISIBLE(t) true\n"
 
-# Block h merges query head h's spans (R, KVH, D as above); span_ml is (KVH, spans, R, 2).
+# Block b merges query head b / (D / 32)'s spans for its 32 numbers (b % (D / 32)) of the head, with 8 warps (R, KVH,
+# D as above); span_ml is (KVH, spans, R, 2). Every step is parallel over spans, so that the merge takes a few memory
+# latencies, not one a span: the span weights exp(m_s - top) go to shared memory once, and warp p sums spans p,
+# p + 8, ... for the block's 32 numbers (lane = number) before the 8 partial sums are added in order.
 MERGE_SOURCE = r"""
-  const int head = blockIdx.x, kvh = head / R, r = head % R;
+  constexpr int SLICES = D / 32, PARTS = 8;
+  __shared__ float weight[MAX_SPANS];
+  __shared__ float reduced[PARTS];
+  __shared__ float partial[PARTS][32];
+  const int head = blockIdx.x / SLICES, slice = blockIdx.x % SLICES;
+  const int kvh = head / R, r = head % R;
   const int spans = span_ml_shape[1];
-  float top = minus_infinity();
-  for (int s = 0; s < spans; ++s) top = fmaxf(top, span_ml[(((size_t)kvh * spans + s) * R + r) * 2]);
-  float total = 0.0f;
-  for (int s = 0; s < spans; ++s) {
-    const size_t at = ((size_t)kvh * spans + s) * R + r;
-    total = fmaf(expf(span_ml[at * 2] - top), span_ml[at * 2 + 1], total);
-  }
-  for (int d = threadIdx.x; d < D; d += blockDim.x) {
-    float sum = 0.0f;
-    for (int s = 0; s < spans; ++s) {
-      const size_t at = ((size_t)kvh * spans + s) * R + r;
-      sum = fmaf(expf(span_ml[at * 2] - top), span_acc[at * D + d], sum);
+  const int lane = threadIdx.x & 31, part = threadIdx.x >> 5;
+  const float* ml = span_ml + ((size_t)kvh * spans * R + r) * 2;  // span s at ml[s * R * 2]
+
+  // The block's sum over its threads of `value`, in an order fixed by the thread count alone; every thread gets it.
+  auto block_reduce = [&](float value, bool take_max) {
+    #pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      const float other = __shfl_xor_sync(0xFFFFFFFFu, value, offset);
+      value = take_max ? fmaxf(value, other) : value + other;
     }
-    store(out + (size_t)head * D + d, sum / total);
+    if (lane == 0) reduced[part] = value;
+    __syncthreads();
+    float all = reduced[0];
+    #pragma unroll
+    for (int p = 1; p < PARTS; ++p) all = take_max ? fmaxf(all, reduced[p]) : all + reduced[p];
+    __syncthreads();  // `reduced` is free for the next call
+    return all;
+  };
+
+  float top = minus_infinity();
+  for (int s = threadIdx.x; s < spans; s += blockDim.x) top = fmaxf(top, ml[(size_t)s * R * 2]);
+  top = block_reduce(top, true);
+  float total = 0.0f;
+  for (int s = threadIdx.x; s < spans; s += blockDim.x) {
+    const float m = ml[(size_t)s * R * 2];
+    const float w = m == minus_infinity() ? 0.0f : expf(m - top);  // a span with no visible key weighs nothing
+    weight[s] = w;
+    total = fmaf(w, ml[(size_t)s * R * 2 + 1], total);
+  }
+  total = block_reduce(total, false);  // its barriers also publish `weight`
+
+  const int d = slice * 32 + lane;
+  const float* acc = span_acc + ((size_t)kvh * spans * R + r) * D + d;  // span s at acc[s * R * D]
+  float sum = 0.0f;
+  #pragma unroll 4
+  for (int s = part; s < spans; s += PARTS) sum = fmaf(weight[s], acc[(size_t)s * R * D], sum);
+  partial[part][lane] = sum;
+  __syncthreads();
+  if (part == 0) {
+    float all = partial[0][lane];
+    #pragma unroll
+    for (int p = 1; p < PARTS; ++p) all += partial[p][lane];
+    store(out + (size_t)head * D + d, all / total);
   }
 """
 
@@ -260,7 +300,7 @@ def merge_kernel():
         input_names=["span_acc", "span_ml"],
         output_names=["out"],
         source=compact(MERGE_SOURCE),
-        header=compact(HEADER),
+        header=compact(HEADER) + f"\nconstexpr int MAX_SPANS = {MAX_SPANS};\n",
     )
 
 
@@ -299,7 +339,9 @@ def launch_plan(key_count: int, kv_heads: int, repeats: int) -> dict:
     """Spans per key head (enough blocks to fill the GPU, at least MIN_SPAN keys each) and the warps that split a
     block's keys (P), so that a block has at least eight warps."""
     per_span = max(MIN_SPAN, math.ceil(key_count * kv_heads / TARGET_BLOCKS))
-    return {"spans": math.ceil(key_count / per_span), "P": max(1, 8 // repeats)}
+    spans = math.ceil(key_count / per_span)  # at most TARGET_BLOCKS / kv_heads + 1
+    assert spans <= MAX_SPANS, spans
+    return {"spans": spans, "P": max(1, 8 // repeats)}
 
 
 def attention(queries: mx.array, keys: Rows, values: Rows, mask) -> mx.array:
@@ -329,8 +371,8 @@ def attention(queries: mx.array, keys: Rows, values: Rows, mask) -> mx.array:
     (out,) = merge_kernel()(
         inputs=[span_acc, span_ml],
         template=[("D", head_dim), ("R", repeats)],
-        grid=(heads * 256, 1, 1),
-        threadgroup=(256, 1, 1),
+        grid=(heads * (head_dim // 32) * MERGE_THREADS, 1, 1),
+        threadgroup=(MERGE_THREADS, 1, 1),
         output_shapes=[(1, heads, 1, head_dim)],
         output_dtypes=[queries.dtype],
     )

@@ -186,7 +186,11 @@ def emulated_span_kernel(quantized: bool, masked: bool):
 
 
 def emulated_merge(inputs, template, grid, threadgroup, output_shapes, output_dtypes):
+    """The merge kernel's contract: a block of 8 warps for each query head and 32 of its numbers."""
     span_acc, span_ml = (np.array(a) for a in inputs)
+    _, heads, _, head_dim = output_shapes[0]
+    assert dict(template) == {"D": head_dim, "R": span_acc.shape[2]}
+    assert threadgroup == (256, 1, 1) and grid == (heads * head_dim // 32 * 256, 1, 1)
     top = span_ml[..., 0].max(axis=1, keepdims=True)
     weights = np.exp(span_ml[..., 0] - top)
     out = (weights[..., None] * span_acc).sum(1) / (weights * span_ml[..., 1]).sum(1)[..., None]
