@@ -12,7 +12,8 @@ from .attention import scaled_dot_product_attention
 from .attention_mask import PositionMask
 from .config import FULL, SLIDING, TextConfig
 from .errors import Gemma4Error
-from .fused_norms import heads_use_kernel, normalized_heads, query_key_value, residual_then_norm, scaled_residual
+from .fused_norms import (heads_use_kernel, normalized_heads, query_key_value, residual_then_norm, scaled_residual,
+                          scaled_residual_then_norm)
 from .kv_cache import FullCache, KVQuantization, WindowCache
 
 
@@ -275,13 +276,23 @@ class DecoderLayer(nn.Module):
         self.layer_scalar = mx.ones((1,))
 
     def __call__(self, x, mask, cache, offset: int, shared_kv: dict):
-        # h = x + norm(attention), then the MLP's input norm(h), and (h + norm(MLP)) * scalar: one kernel each
-        # where fused_norms' rule allows.
-        attended = self.self_attn(self.input_layernorm(x), mask, cache, offset, shared_kv)
-        h, normed = residual_then_norm(x, attended, self.post_attention_layernorm.weight,
-                                       self.pre_feedforward_layernorm.weight, self.input_layernorm.eps)
+        h, normed = self.attended_residual(x, self.input_layernorm(x), mask, cache, offset, shared_kv)
         return scaled_residual(h, self.mlp(normed), self.post_feedforward_layernorm.weight, self.layer_scalar,
                                self.input_layernorm.eps)
+
+    def then_norm(self, x, normed_x, mask, cache, offset: int, shared_kv: dict, next_norm: RMSNorm) -> tuple:
+        """(the layer's output, next_norm of it) from its input x and input_layernorm(x): a stack of layers hands
+        each the norm of its input that the layer before made (the next layer's input norm, or the final norm)."""
+        h, normed = self.attended_residual(x, normed_x, mask, cache, offset, shared_kv)
+        return scaled_residual_then_norm(h, self.mlp(normed), self.post_feedforward_layernorm.weight,
+                                         self.layer_scalar, next_norm.weight, self.input_layernorm.eps)
+
+    def attended_residual(self, x, normed_x, mask, cache, offset: int, shared_kv: dict) -> tuple:
+        """h = x + norm(attention) and the MLP's input norm(h); then the caller's (h + norm(MLP)) * scalar. Each
+        step is one kernel where fused_norms' rule allows."""
+        attended = self.self_attn(normed_x, mask, cache, offset, shared_kv)
+        return residual_then_norm(x, attended, self.post_attention_layernorm.weight,
+                                  self.pre_feedforward_layernorm.weight, self.input_layernorm.eps)
 
 
 class TextModel(nn.Module):
@@ -325,10 +336,12 @@ class TextModel(nn.Module):
         masks = masks or self.masks(offset, length, block_ids)
         layer_caches = dict(zip(self.cached_layers, cache or []))
         shared_kv = {} if shared_kv is None else shared_kv
-        h = embeddings
+        h, normed = embeddings, self.layers[0].input_layernorm(embeddings)
         for i, layer in enumerate(self.layers):
-            h = layer(h, masks[self.config.layer_types[i]], layer_caches.get(i), offset, shared_kv)
-        return self.norm(h)
+            next_norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
+            h, normed = layer.then_norm(h, normed, masks[self.config.layer_types[i]], layer_caches.get(i), offset,
+                                        shared_kv, next_norm)
+        return normed
 
     def masks(self, offset: int, length: int, block_ids: Optional[mx.array]) -> dict:
         if length == 1:

@@ -181,6 +181,34 @@ SCALED_RESIDUAL_SOURCE = NORM_LOADS + r"""
   }
 """
 
+# The layer's output (h + norm(addend)) * scalar, and the next layer's input norm of it (or the final norm), as
+# mx.fast.rms_norm would take it from the stored output.
+SCALED_RESIDUAL_THEN_NORM_SOURCE = NORM_LOADS + r"""
+  const float factor = to_float(scalar[0]);
+  float w2[PER_THREAD];
+  #pragma unroll
+  for (int i = 0; i < PER_THREAD; ++i) {
+    const int n = threadIdx.x + i * ROW_THREADS;
+    w2[i] = n < N ? to_float(norm_weight[n]) : 0.0f;
+  }
+""" + RESIDUAL + r"""
+  squares = 0.0f;
+  #pragma unroll
+  for (int i = 0; i < PER_THREAD; ++i) {
+    h[i] = rounded(h[i] * factor, T());
+    squares = fmaf(h[i], h[i], squares);
+  }
+  normalizer = rsqrtf(block_sum<ROW_THREADS>(squares, scratch) / N + EPS);
+  #pragma unroll
+  for (int i = 0; i < PER_THREAD; ++i) {
+    const int n = threadIdx.x + i * ROW_THREADS;
+    if (n < N) {
+      store(out + row + n, h[i]);
+      store(normed + row + n, w2[i] * rounded(h[i] * normalizer, T()));
+    }
+  }
+"""
+
 
 def header(eps: float) -> str:
     # The norms' epsilon is a constant of the model: part of the source, like the template ints.
@@ -194,6 +222,8 @@ KERNELS = {
     "residual_then_norm": (["x", "addend", "addend_weight", "norm_weight"], ["residual", "normed"],
                            RESIDUAL_THEN_NORM_SOURCE),
     "scaled_residual": (["x", "addend", "addend_weight", "scalar"], ["out"], SCALED_RESIDUAL_SOURCE),
+    "scaled_residual_then_norm": (["x", "addend", "addend_weight", "scalar", "norm_weight"], ["out", "normed"],
+                                  SCALED_RESIDUAL_THEN_NORM_SOURCE),
 }
 
 
@@ -282,3 +312,15 @@ def scaled_residual(x: mx.array, addend: mx.array, addend_weight: mx.array, scal
         return (x + rms_norm(addend, addend_weight, eps)) * scalar
     (out,) = row_launch(kernel("scaled_residual", eps), [x, addend, addend_weight, scalar], 1)
     return out
+
+
+def scaled_residual_then_norm(x: mx.array, addend: mx.array, addend_weight: mx.array, scalar: mx.array,
+                              norm_weight: mx.array, eps: float) -> tuple:
+    """(out, norm(out) with norm_weight) for out = (x + norm(addend) with addend_weight) * scalar: a layer's output
+    and the next layer's input norm of it, one kernel where the rule allows."""
+    if not (uses_kernels(x) and scalar.dtype == x.dtype):
+        out = (x + rms_norm(addend, addend_weight, eps)) * scalar
+        return out, rms_norm(out, norm_weight, eps)
+    out, normed = row_launch(kernel("scaled_residual_then_norm", eps),
+                             [x, addend, addend_weight, scalar, norm_weight], 2)
+    return out, normed

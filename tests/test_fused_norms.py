@@ -9,7 +9,7 @@ import pytest
 from mlx_gemma4 import decode_attention, fused_norms, quantized_matvec
 from mlx_gemma4.decoder import RMSNorm, RotaryEmbedding
 from mlx_gemma4.fused_norms import (SWITCH, normalized_heads, query_key_value, residual_then_norm, scaled_residual,
-                                    uses_kernels)
+                                    scaled_residual_then_norm, uses_kernels)
 
 gpu = pytest.mark.gpu
 EPS = 1e-6
@@ -34,7 +34,10 @@ def test_without_cuda_the_functions_are_the_mlx_operations():
     assert mx.array_equal(h, x + mx.fast.rms_norm(a, w1, EPS))
     assert mx.array_equal(normed, mx.fast.rms_norm(h, w2, EPS))
     scalar = mx.array([0.75], mx.bfloat16)
-    assert mx.array_equal(scaled_residual(x, a, w1, scalar, EPS), (x + mx.fast.rms_norm(a, w1, EPS)) * scalar)
+    scaled = (x + mx.fast.rms_norm(a, w1, EPS)) * scalar
+    assert mx.array_equal(scaled_residual(x, a, w1, scalar, EPS), scaled)
+    out, normed = scaled_residual_then_norm(x, a, w1, scalar, w2, EPS)
+    assert mx.array_equal(out, scaled) and mx.array_equal(normed, mx.fast.rms_norm(scaled, w2, EPS))
 
 
 def heads_case(head_dim: int, heads: int, kv_heads: int, keys_are_values: bool, tokens: int, dtype, seed=0):
@@ -88,7 +91,10 @@ def test_residual_kernels_match_the_mlx_operations(tokens, dtype):
     plain_h = x + mx.fast.rms_norm(a, w1, EPS)
     assert differences([h, normed], [plain_h, mx.fast.rms_norm(plain_h, w2, EPS)]) <= 4 * ULPS[dtype]
     scaled = scaled_residual(x, a, w1, scalar, EPS)
-    assert differences([scaled], [(x + mx.fast.rms_norm(a, w1, EPS)) * scalar]) <= 4 * ULPS[dtype]
+    plain_scaled = (x + mx.fast.rms_norm(a, w1, EPS)) * scalar
+    assert differences([scaled], [plain_scaled]) <= 4 * ULPS[dtype]
+    scaled_and_normed = scaled_residual_then_norm(x, a, w1, scalar, w2, EPS)
+    assert differences(scaled_and_normed, [plain_scaled, mx.fast.rms_norm(plain_scaled, w2, EPS)]) <= 4 * ULPS[dtype]
 
 
 SWITCHES = [SWITCH, decode_attention.SWITCH, quantized_matvec.SWITCH]
@@ -161,9 +167,13 @@ def emulated_kernel(name: str, eps: float):
             x, addend, addend_weight, norm_weight = inputs
             h = x + mx.fast.rms_norm(addend, addend_weight, eps)
             out = [h, mx.fast.rms_norm(h, norm_weight, eps)]
-        else:
+        elif name == "scaled_residual":
             x, addend, addend_weight, scalar = inputs
             out = [(x + mx.fast.rms_norm(addend, addend_weight, eps)) * scalar]
+        else:
+            x, addend, addend_weight, scalar, norm_weight = inputs
+            scaled = (x + mx.fast.rms_norm(addend, addend_weight, eps)) * scalar
+            out = [scaled, mx.fast.rms_norm(scaled, norm_weight, eps)]
         assert [tuple(o.shape) for o in out] == [tuple(shape) for shape in output_shapes], name
         assert [o.dtype for o in out] == list(output_dtypes), name
         return list(out)
@@ -197,5 +207,5 @@ def test_kernel_launches_agree_with_their_fallbacks(monkeypatch):
     monkeypatch.setattr(fused_norms, "cuda_backend", lambda: True)
     monkeypatch.setattr(fused_norms, "kernel", lambda name, eps: calls.append(name) or emulated_kernel(name, eps))
     emulated = decoded_logits(model, prompt, following, True, monkeypatch)
-    assert set(calls) == {"qkv_heads", "residual_then_norm", "scaled_residual"}
+    assert set(calls) == {"qkv_heads", "residual_then_norm", "scaled_residual_then_norm"}
     assert np.abs(emulated - plain).max() < 1e-6
