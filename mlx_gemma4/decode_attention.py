@@ -23,9 +23,10 @@ from .kv_cache import Rows, is_quantized, quantization_of, row_count
 
 SWITCH = "MLX_GEMMA4_DECODE_ATTENTION"  # "0" turns the kernels off (A/B runs)
 # Keys beyond which a cache in the activations' dtype stays with MLX's matmuls. A warp walks its span one round of keys
-# per memory latency, so very long spans are slow: on an H200, the 12B decoded at 32.7 tok/s 262K keys deep with an
-# 8-bit cache through these kernels (bench/results/h200-12b-4bit-long-context-ours-kv8-262k.json) against 51.7 through
-# MLX's operations (h200-12b-4bit-long-context-ours-kv8.json), while at 512 they saved 0.58 ms of a 7.45 ms step
+# per memory latency, so very long spans are slow: on an H200, the 12B decoded at 38.3 tok/s 262K keys deep with an
+# 8-bit cache through these kernels (bench/results/h200-12b-4bit-long-context-kv8-262k-parallel-merge.json; 32.7
+# before the merge ran in parallel) against 51.7 through MLX's operations at a990c85
+# (h200-12b-4bit-long-context-ours-kv8.json), while at 512 they saved 0.58 ms of a 7.45 ms step
 # (h200-kernel-switch-ab-512.json): up to 2,048 keys is measured. A quantized cache always takes them: MLX's CUDA
 # backend would dequantize a whole copy of it at every step (0.5 GB a full layer at 262K keys).
 MAX_PLAIN_KEYS = 4096
