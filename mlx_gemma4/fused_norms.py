@@ -1,5 +1,5 @@
-"""A decoding step's norms, residual sums and rotary embeddings as three CUDA kernels instead of about a dozen MLX
-operations a layer.
+"""A decoding step's norms, residual sums and rotary embeddings as three CUDA kernels a layer instead of about a dozen
+MLX operations.
 
 Around its four products a Gemma 4 layer normalises the queries, keys and values head by head, rotates the queries
 and keys, and normalises and adds each sublayer's output into the residual stream: on MLX's CUDA backend each is a
@@ -10,11 +10,13 @@ Here, for at most MAX_ROWS tokens:
   values, in the (batch, heads, tokens, head size) layout attention takes.
 - `residual_then_norm`: h = x + norm(a); and norm'(h), the next sublayer's input.
 - `scaled_residual`: (h + norm(m)) * layer scalar.
+- `scaled_residual_then_norm`: the same, and the next layer's input norm of it (or the final norm): what a stack of
+  layers runs in place of `scaled_residual`, so that no layer's input norm is a launch of its own.
 
 Each rounds where the MLX operations round (mx.fast.rms_norm: x times the normaliser, rounded, times the weight,
 rounded; sums and products rounded to the activations' dtype), summing in float32. Where the rule says no (the
-CPU, Metal, prompt chunks, the switch off) the MLX operations run instead: inside `residual_then_norm` and
-`scaled_residual`, and for the heads in `normalized_heads`, which decoder.Attention takes from its split
+CPU, Metal, prompt chunks, the switch off) the MLX operations run instead: inside `residual_then_norm`,
+`scaled_residual` and `scaled_residual_then_norm`, and for the heads in `normalized_heads`, which decoder.Attention takes from its split
 projections when `heads_use_kernel` says no.
 """
 
