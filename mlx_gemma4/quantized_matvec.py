@@ -24,7 +24,6 @@ product the kernel is tested against.
 
 import math
 from functools import lru_cache
-from typing import Optional
 
 import mlx.core as mx
 
@@ -41,7 +40,8 @@ SUPPORTED_GROUPS = (32, 64, 128)
 FLOAT_DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 # Work sizing: each warp takes two 16-row tiles (its x rows' loads and the sums of x then serve 32 weight rows); a
 # block's warps split K, 4 of them when there are blocks enough to fill a large GPU's 132 multiprocessors four times
-# over, else 8. Measured on an H200 (bench/results/h200-matvec-plans.json) against one tile a warp and other splits.
+# over, else 8. Chosen on an H200 from a development sweep (one, two and four tiles a warp, 4 to 32 warps a block, 2
+# to 8 stages) in which no other plan was faster beyond the noise; the sweep is not part of this package.
 MULTIPROCESSORS = 132
 TILES_PER_WARP = 2
 # Shared memory for a block's rings: at most this much by default, so that several blocks share a multiprocessor.
@@ -317,19 +317,17 @@ def few_row_kernel(shared_bytes: int):
     )
 
 
-def launch_plan(output_rows: int, input_dims: int, bits: int, group_size: int, rows_of_x: int,
-                tiles: Optional[int] = None, split: Optional[int] = None, stages: Optional[int] = None) -> dict:
+def launch_plan(output_rows: int, input_dims: int, bits: int, group_size: int, rows_of_x: int) -> dict:
     """Template ints for one product: TILES_PER_WARP 16-row tiles per warp (RT); how K is split among a
     block's warps (KSPLIT) follows W's shape and format alone, never the number of rows of x, so that each row's sum
-    keeps its order; each warp's ring gets as many stages (STAGES) as the shared memory holds, up to MAX_STAGES.
-    `tiles`, `split` and `stages` override the defaults (for launch-plan studies)."""
+    keeps its order; each warp's ring gets as many stages (STAGES) as the shared memory holds, up to MAX_STAGES."""
     load_words = min(4, group_size * bits // 128)  # per lane and chunk; a chunk spans at most one group
     chunks = input_dims // (4 * load_words * 32 // bits)
-    tiles = tiles or TILES_PER_WARP
+    tiles = TILES_PER_WARP
     blocks = math.ceil(output_rows / (16 * tiles))
-    split = min(split or (4 if blocks >= 4 * MULTIPROCESSORS else 8), chunks)
+    split = min(4 if blocks >= 4 * MULTIPROCESSORS else 8, chunks)
     stage_bytes = 16 * tiles * (16 * load_words + 8)  # weights, then a 32-bit word of scales and one of biases a row
-    stages = stages or max(2, min(MAX_STAGES, SHARED_BYTES // (split * stage_bytes)))
+    stages = max(2, min(MAX_STAGES, SHARED_BYTES // (split * stage_bytes)))
     columns = 8 if rows_of_x <= 8 else 16
     # The rings, or after them the warps' partial sums (float32, rows x columns), whichever is larger.
     shared_bytes = max(split * stages * stage_bytes, split * 16 * tiles * columns * 4)
@@ -350,12 +348,10 @@ def uses_kernel(x: mx.array, w: mx.array, scales: mx.array, biases, group_size: 
     return x.shape[-1] == input_dims and input_dims % group_size == 0 and math.prod(x.shape[:-1]) <= MAX_ROWS
 
 
-def few_row_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int,
-                   plan: Optional[dict] = None):
-    """The kernel's product; `plan` (from launch_plan) defaults to launch_plan's own choice for these shapes."""
+def few_row_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int):
     output_rows, input_dims = w.shape[0], x.shape[-1]
     rows = x.reshape(-1, input_dims)
-    plan = plan or launch_plan(output_rows, input_dims, bits, group_size, rows.shape[0])
+    plan = launch_plan(output_rows, input_dims, bits, group_size, rows.shape[0])
     threads = 32 * plan["KSPLIT"]
     out_dtype = result_dtype(x.dtype, scales.dtype)
     (out,) = few_row_kernel(plan["shared_bytes"])(
