@@ -16,8 +16,8 @@ Here, for at most MAX_ROWS tokens:
 Each rounds where the MLX operations round (mx.fast.rms_norm: x times the normaliser, rounded, times the weight,
 rounded; sums and products rounded to the activations' dtype), summing in float32. Where the rule says no (the
 CPU, Metal, prompt chunks, the switch off) the MLX operations run instead: inside `residual_then_norm`,
-`scaled_residual` and `scaled_residual_then_norm`, and for the heads in `normalized_heads`, which decoder.Attention takes from its split
-projections when `heads_use_kernel` says no.
+`scaled_residual` and `scaled_residual_then_norm`, and for the heads in `normalized_heads`, which decoder.Attention
+takes from its split projections when `heads_use_kernel` says no.
 """
 
 from functools import lru_cache
@@ -151,14 +151,17 @@ RESIDUAL = r"""
   for (int i = 0; i < PER_THREAD; ++i) h[i] = rounded(h[i] + rounded(w[i] * rounded(v[i] * normalizer, T()), T()), T());
 """
 
-RESIDUAL_THEN_NORM_SOURCE = NORM_LOADS + r"""
+# The second norm's weight (norm_weight), for the kernels that also normalise their result.
+SECOND_NORM_WEIGHT = r"""
   float w2[PER_THREAD];
   #pragma unroll
   for (int i = 0; i < PER_THREAD; ++i) {
     const int n = threadIdx.x + i * ROW_THREADS;
     w2[i] = n < N ? to_float(norm_weight[n]) : 0.0f;
   }
-""" + RESIDUAL + r"""
+"""
+
+RESIDUAL_THEN_NORM_SOURCE = NORM_LOADS + SECOND_NORM_WEIGHT + RESIDUAL + r"""
   squares = 0.0f;
   #pragma unroll
   for (int i = 0; i < PER_THREAD; ++i) squares = fmaf(h[i], h[i], squares);
@@ -186,14 +189,7 @@ SCALED_RESIDUAL_SOURCE = NORM_LOADS + r"""
 # The layer's output (h + norm(addend)) * scalar, and the next layer's input norm of it (or the final norm), as
 # mx.fast.rms_norm would take it from the stored output.
 SCALED_RESIDUAL_THEN_NORM_SOURCE = NORM_LOADS + r"""
-  const float factor = to_float(scalar[0]);
-  float w2[PER_THREAD];
-  #pragma unroll
-  for (int i = 0; i < PER_THREAD; ++i) {
-    const int n = threadIdx.x + i * ROW_THREADS;
-    w2[i] = n < N ? to_float(norm_weight[n]) : 0.0f;
-  }
-""" + RESIDUAL + r"""
+  const float factor = to_float(scalar[0]);""" + SECOND_NORM_WEIGHT + RESIDUAL + r"""
   squares = 0.0f;
   #pragma unroll
   for (int i = 0; i < PER_THREAD; ++i) {
