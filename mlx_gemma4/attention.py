@@ -18,6 +18,7 @@ from typing import Optional
 import mlx.core as mx
 
 from . import decode_attention
+from .cuda_backend import cuda_backend
 from .attention_mask import PositionMask
 from .kv_cache import Rows, is_quantized, quantization_of, row_count, take_rows
 
@@ -117,7 +118,7 @@ def lacks_batched_quantized_matmul() -> bool:
     """MLX 0.32.4's CUDA backend has no quantized_matmul for a batch of quantized matrices, as every key head's block
     is here ("No implementation for problem shape": bench/results/h200-12b-4bit-long-context-ours.json of commit
     9ca6ad2)."""
-    return mx.default_device() == mx.gpu and mx.cuda.is_available()
+    return cuda_backend()
 
 
 def quantized_rows_matmul(x: mx.array, rows: tuple, transpose: bool, bits: int, group_size: int) -> mx.array:
