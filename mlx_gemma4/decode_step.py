@@ -95,9 +95,14 @@ class CompiledSteps:
         here, so none can be freed and an identity be reused while the traces exist."""
         weights = [value for _, value in tree_flatten(model.parameters())]
         if len(weights) != len(self.weights) or any(now is not then for now, then in zip(weights, self.weights)):
-            self.functions.clear()
-            self.traced.clear()
+            self.forget()
             self.weights = weights
+
+    def forget(self):
+        """Drop every trace, so that the next steps trace anew (as after a kernel switch: a trace keeps the path it
+        was made with)."""
+        self.functions.clear()
+        self.traced.clear()
 
 
 def decode_step(model, cache: list, return_hidden: bool = False):

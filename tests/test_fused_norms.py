@@ -106,8 +106,7 @@ def decoded_logits(model, prompt: mx.array, following: list, on: bool, monkeypat
 
     for switch in SWITCHES:
         monkeypatch.setenv(switch, "1" if on else "0")
-    model.compiled_steps.functions.clear()  # a trace keeps the path it was made with
-    model.compiled_steps.traced.clear()
+    model.compiled_steps.forget()  # a trace keeps the path it was made with
     cache = model.make_cache()
     mx.eval(model(prompt[None], cache=cache))
     step = decode_step(model, cache)

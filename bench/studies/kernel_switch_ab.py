@@ -24,8 +24,7 @@ SWITCHES = [quantized_matvec.SWITCH, decode_attention.SWITCH, fused_norms.SWITCH
 def step_with(model, cache, switched_off: tuple):
     for switch in SWITCHES:
         os.environ[switch] = "0" if switch in switched_off else "1"
-    model.compiled_steps.functions.clear()  # a trace keeps the path it was made with
-    model.compiled_steps.traced.clear()
+    model.compiled_steps.forget()  # a trace keeps the path it was made with
     return decode_step(model, cache)
 
 
