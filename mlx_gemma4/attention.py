@@ -21,6 +21,7 @@ from . import decode_attention
 from .cuda_backend import cuda_backend
 from .attention_mask import PositionMask
 from .kv_cache import Rows, is_quantized, quantization_of, row_count, take_rows
+from .memory_bound import pace
 
 # One block's scores (heads x queries x keys): 2^26 is 128 MB in bfloat16; a 2,048-query chunk of 16 heads attends to
 # 2,048 keys at a time. Each block also rescales the running output (queries x head size, float32): with blocks this
@@ -82,6 +83,7 @@ def blockwise_attention(queries: mx.array, keys: Rows, values: Rows, mask, block
         # Both of a block's reductions over its weights must run before the next block is computed; left to the
         # graph's own order, every block's weights would be kept until the sums' chain runs at the end.
         output = mx.depends(output, running_sum)
+        pace(output)
     return normalized(output, running_sum, queries).reshape(batch, heads, length, head_dim)
 
 

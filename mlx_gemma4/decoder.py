@@ -15,6 +15,7 @@ from .errors import Gemma4Error
 from .fused_norms import (heads_use_kernel, normalized_heads, query_key_value, residual_then_norm, scaled_residual,
                           scaled_residual_then_norm)
 from .kv_cache import FullCache, KVQuantization, WindowCache
+from .memory_bound import pace
 
 
 
@@ -284,6 +285,7 @@ class DecoderLayer(nn.Module):
         """(the layer's output, next_norm of it) from its input x and input_layernorm(x): a stack of layers hands
         each the norm of its input that the layer before made (the next layer's input norm, or the final norm)."""
         h, normed = self.attended_residual(x, normed_x, mask, cache, offset, shared_kv)
+        pace(h, normed)
         return scaled_residual_then_norm(h, self.mlp(normed), self.post_feedforward_layernorm.weight,
                                          self.layer_scalar, next_norm.weight, self.input_layernorm.eps)
 
@@ -341,6 +343,7 @@ class TextModel(nn.Module):
             next_norm = self.layers[i + 1].input_layernorm if i + 1 < len(self.layers) else self.norm
             h, normed = layer.then_norm(h, normed, masks[self.config.layer_types[i]], layer_caches.get(i), offset,
                                         shared_kv, next_norm)
+            pace(h, normed)
         return normed
 
     def masks(self, offset: int, length: int, block_ids: Optional[mx.array]) -> dict:

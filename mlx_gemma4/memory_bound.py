@@ -11,7 +11,9 @@ budget, prefill 3.36 s against 3.60 s. The bound cannot go much lower: MLX frees
 the whole graph (up to 1,000 MB of them) has run, so a budget of 256 MiB still left 2.2 GB.
 """
 
+from collections import deque
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import mlx.core as mx
 
@@ -19,16 +21,24 @@ import mlx.core as mx
 # (a 2,048-token chunk of the 12B makes 126 MB of gate/up activations per layer and 128 MB attention-score blocks),
 # so that the device always has queued work.
 PREFILL_TRANSIENT_BYTES = 1 << 30
+# Paced evaluations (`pace`) queued at once: the device always has the next one to run while the host waits for the
+# one before; more would only hold more memory. 0 turns pacing off (studies).
+PACED_AHEAD = 2
+
+# The evaluations `pace` has queued, inside a transient_memory_bound block; None outside one.
+_paced = ContextVar("paced", default=None)
 
 
 @contextmanager
 def transient_memory_bound(budget_bytes: int):
-    """Within the block, `bound_to_live_memory(budget_bytes)` sets the limit; on leaving, the limit in force before
-    comes back, however the block ends."""
+    """Within the block, `bound_to_live_memory(budget_bytes)` sets the limit and `pace` keeps its evaluations
+    queued; on leaving, the limit in force before comes back, however the block ends."""
     previous = mx.get_memory_limit()
+    paced = _paced.set(deque())
     try:
         yield lambda: bound_to_live_memory(budget_bytes, previous)
     finally:
+        _paced.reset(paced)
         mx.set_memory_limit(previous)
 
 
@@ -36,3 +46,20 @@ def bound_to_live_memory(budget_bytes: int, ceiling: int):
     """The memory limit becomes the active memory now plus `budget_bytes` (never above `ceiling`, the caller's own
     limit). Called again as the live memory changes (a cache that grew), it moves the bound along."""
     mx.set_memory_limit(min(ceiling, mx.get_active_memory() + budget_bytes))
+
+
+def pace(*arrays: mx.array):
+    """Queues the evaluation of `arrays` (a layer's output, an attention block's running sums) and waits for the one
+    queued PACED_AHEAD calls before, inside a transient_memory_bound block; elsewhere (a compiled step, whose arrays
+    cannot be evaluated while it is traced) nothing.
+
+    The memory limit alone leaves up to a whole command graph's inputs (1,000 MB on Hopper) in flight: MLX waits only
+    for graphs it committed as full, and frees a graph's inputs once it has run. Waiting for an evaluation we queued
+    frees everything before it, so what a prefill holds in flight is a few paced pieces, whatever MLX's graph size."""
+    queued = _paced.get()
+    if queued is None or PACED_AHEAD == 0:
+        return
+    mx.async_eval(*arrays)
+    queued.append(arrays)
+    if len(queued) > PACED_AHEAD:
+        mx.eval(*queued.popleft())

@@ -1,14 +1,19 @@
 """What bounding a prefill's memory in flight (memory_bound.py) costs and saves: peak memory, its transient part and
-prefill time of one prompt at each budget, the budgets taking turns so that a drifting clock touches all alike.
+prefill time of one prompt at each budget and pacing depth, the settings taking turns so that a drifting clock
+touches all alike.
 
-    python bench/studies/prefill_memory_bound.py --weights FOLDER --depth 16384 --budgets none,1024,256 --json OUT
+    python bench/studies/prefill_memory_bound.py --weights FOLDER --depth 16384 --budgets none,1024,256 \
+        --paced-ahead 0,2 --json OUT
 
-(FOLDER as bench.py --weights-dir writes it; budgets in MiB, "none" leaves MLX's memory limit as it is.)
+(FOLDER as bench.py --weights-dir writes it; budgets in MiB, "none" leaves MLX's memory limit as it is; a pacing
+depth of 0 turns memory_bound.pace off.)
 """
 
 import argparse
 import statistics
+import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
@@ -16,24 +21,62 @@ from mlx.utils import tree_flatten
 from mlx_lm.sample_utils import make_sampler
 
 from study_result import write_study_result
-from mlx_gemma4 import decoding
+from mlx_gemma4 import attention, decoder, decoding, memory_bound
+
+PACING_MODULES = [attention, decoder]
 
 UNBOUNDED = 1 << 62
 
 
-def one_prefill(model, prompt: mx.array, budget_bytes: int) -> dict:
+def one_prefill(model, prompt: mx.array, budget_bytes: int, paced_ahead: int, scores_per_block: int) -> dict:
     decoding.PREFILL_TRANSIENT_BYTES = budget_bytes
+    memory_bound.PACED_AHEAD = paced_ahead
+    attention.SCORES_PER_BLOCK = scores_per_block
     cache = model.make_cache()
     mx.clear_cache()
     mx.reset_peak_memory()
+    peaks = PeaksByPiece()
     start = time.perf_counter()
-    token, _ = decoding.prefill(prompt, model, cache, make_sampler(0.0))
-    mx.eval(token)
+    with peaks.recording():
+        token, _ = decoding.prefill(prompt, model, cache, make_sampler(0.0))
+        mx.eval(token)
     seconds = time.perf_counter() - start
     weights = sum(value.nbytes for _, value in tree_flatten(model.parameters()))
     kv = sum(c.nbytes for c in cache)
-    return {"seconds": seconds, "peak_bytes": mx.get_peak_memory(),
-            "transient_bytes": mx.get_peak_memory() - weights - kv, "kv_cache_bytes": kv, "weights_bytes": weights}
+    return {"seconds": seconds, "peak_bytes": peaks.overall, "transient_bytes": peaks.overall - weights - kv,
+            "kv_cache_bytes": kv, "weights_bytes": weights, "peak_bytes_by_piece": peaks.by_piece}
+
+
+class PeaksByPiece:
+    """The peak memory between paced pieces, by the piece queued when it was reached (its caller: a layer's
+    attention, a whole layer, an attention block), so that a study sees which piece sets the prefill's peak."""
+
+    def __init__(self):
+        self.by_piece, self.overall = {}, 0
+
+    @contextmanager
+    def recording(self):
+        originals = {module: module.pace for module in PACING_MODULES}
+        for module, pace in originals.items():
+            module.pace = self.wrapped(pace, module.__name__.rsplit(".", 1)[-1])
+        try:
+            yield
+        finally:
+            for module, pace in originals.items():
+                module.pace = pace
+            self.note("after the last piece")
+
+    def wrapped(self, pace, module_name: str):
+        def recorded(*arrays):
+            pace(*arrays)
+            self.note(f"{module_name}.{sys._getframe(1).f_code.co_name}")
+        return recorded
+
+    def note(self, piece: str):
+        peak = mx.get_peak_memory()
+        self.by_piece[piece] = max(self.by_piece.get(piece, 0), peak)
+        self.overall = max(self.overall, peak)
+        mx.reset_peak_memory()
 
 
 def main(argv=None):
@@ -41,6 +84,8 @@ def main(argv=None):
     parser.add_argument("--weights", required=True)
     parser.add_argument("--depth", type=int, default=16384)
     parser.add_argument("--budgets", default="none,1024,256")
+    parser.add_argument("--paced-ahead", default=str(memory_bound.PACED_AHEAD))
+    parser.add_argument("--scores-per-block", default=str(attention.SCORES_PER_BLOCK))
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--json")
     args = parser.parse_args(argv)
@@ -50,23 +95,32 @@ def main(argv=None):
     vocab = model.config.text_config.vocab_size
     prompt = mx.random.randint(16, vocab - 16, (args.depth,), key=mx.random.key(args.depth))
     budgets = {name: UNBOUNDED if name == "none" else int(name) << 20 for name in args.budgets.split(",")}
-    for budget in budgets.values():  # compile every shape first
-        one_prefill(model, prompt, budget)
-    runs = {name: [] for name in budgets}
+    settings = [(name, int(ahead), int(block)) for name in budgets for ahead in args.paced_ahead.split(",")
+                for block in args.scores_per_block.split(",")]
+    for name, ahead, block in settings:  # compile every shape first
+        one_prefill(model, prompt, budgets[name], ahead, block)
+    runs = {setting: [] for setting in settings}
     for _ in range(args.rounds):
-        for name, budget in budgets.items():
-            runs[name].append(one_prefill(model, prompt, budget))
+        for name, ahead, block in settings:
+            runs[name, ahead, block].append(one_prefill(model, prompt, budgets[name], ahead, block))
     rows = []
-    print("| budget MiB | prefill s (median, min-max) | peak GB | transient GB |\n|---|---|---|---|")
-    for name, measured in runs.items():
+    print("| budget MiB | paced ahead | scores per block | prefill s (median, min-max) | peak GB | transient GB |\n"
+          "|---|---|---|---|---|---|")
+    for (name, ahead, block), measured in runs.items():
         seconds = [run["seconds"] for run in measured]
-        row = {"budget_mib": name, "depth": args.depth, "seconds_median": statistics.median(seconds),
+        row = {"budget_mib": name, "paced_ahead": ahead, "scores_per_block": block, "depth": args.depth,
+               "seconds_median": statistics.median(seconds),
                "seconds_min": min(seconds), "seconds_max": max(seconds), "runs": measured,
                "peak_bytes": max(run["peak_bytes"] for run in measured),
                "transient_bytes": max(run["transient_bytes"] for run in measured)}
         rows.append(row)
-        print(f"| {name} | {row['seconds_median']:.2f} ({min(seconds):.2f}-{max(seconds):.2f}) "
+        print(f"| {name} | {ahead} | {block} | {row['seconds_median']:.2f} ({min(seconds):.2f}-{max(seconds):.2f}) "
               f"| {row['peak_bytes'] / 1e9:.2f} | {row['transient_bytes'] / 1e9:.2f} |")
+        row["peak_bytes_by_piece"] = {piece: max(run["peak_bytes_by_piece"].get(piece, 0) for run in measured)
+                                      for piece in measured[0]["peak_bytes_by_piece"]}
+    for row in rows:
+        print(f"{row['budget_mib']} MiB, paced {row['paced_ahead']}, block {row['scores_per_block']}: peak GB by piece "
+              + ", ".join(f"{piece} {peak / 1e9:.2f}" for piece, peak in row["peak_bytes_by_piece"].items()))
     if args.json:
         write_study_result(args.json, "prefill_memory_bound.py", argv, rows)
 
