@@ -8,8 +8,8 @@ weighted value sum per query, rescaled as each block raises the maximum. The res
 the transient memory is one block's scores whatever the depth.
 
 Keys and values may also be quantized (kv_cache.py holds them as mx.quantize's (packed, scales, biases) triples);
-their scores are then quantized matmuls, blockwise or not. One query per head (a decoding step) goes to
-decode_attention.py's CUDA kernels where its rule allows. The call site does not know which path ran.
+their scores are then quantized matmuls, blockwise or not. A few queries per head (a decoding step, a speculative
+verify pass) go to decode_attention.py's CUDA kernels where its rule allows. The call site does not know which path ran.
 """
 
 from functools import partial
@@ -38,16 +38,25 @@ def scaled_dot_product_attention(queries: mx.array, keys: Rows, values: Rows, ma
     attention_mask.PositionMask."""
     batch, heads, length, _ = queries.shape
     total = row_count(keys)
-    if length == 1:
-        # One query sees every key of a causal mask: the newest key is its own.
-        one_query_mask = mask(total) if isinstance(mask, PositionMask) else None if isinstance(mask, str) else mask
-        if decode_attention.uses_kernel(queries, keys, one_query_mask):
-            return decode_attention.attention(queries, keys, values, one_query_mask)
+    if length <= decode_attention.MAX_QUERIES:
+        few_query_mask = array_mask(mask, length, total)
+        if decode_attention.uses_kernel(queries, keys, few_query_mask):
+            return decode_attention.attention(queries, keys, values, few_query_mask)
     block = max(1, SCORES_PER_BLOCK // (batch * heads * length))
     if total <= block and not is_quantized(keys):
         full_mask = mask(total) if isinstance(mask, PositionMask) else mask
         return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=1.0, mask=full_mask)
     return blockwise_attention(queries, keys, values, mask, block)
+
+
+def array_mask(mask, length: int, total: int) -> Optional[mx.array]:
+    """`mask` as a boolean array (or None: every key visible) for `length` queries, the last of `total` keys."""
+    if isinstance(mask, PositionMask):
+        return mask(total)
+    if isinstance(mask, str):
+        # One query sees every key of a causal mask: the newest key is its own.
+        return None if length == 1 else PositionMask(total - length, length, None)(total)
+    return mask
 
 
 def blockwise_attention(queries: mx.array, keys: Rows, values: Rows, mask, block: int) -> mx.array:

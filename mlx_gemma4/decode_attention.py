@@ -1,14 +1,18 @@
-"""Attention for one query per head against a whole key/value buffer, as two CUDA kernels (split-K "flash
-decoding"): the keys are cut into spans, one block per key head and span computes each of its query heads' running
-maximum, sum and weighted value sum over its span, and a second kernel merges the spans.
+"""Attention for a few queries per head (a decoding step's one, a speculative verify pass's k + 1) against a whole
+key/value buffer, as two CUDA kernels (split-K "flash decoding"): the keys are cut into spans, one block per query,
+key head and span computes each of its query heads' running maximum, sum and weighted value sum over its span, and a
+second kernel merges the spans.
 
 MLX has no fused attention for Gemma's head sizes (256, 512): a decoding step's attention was five or six kernels a
 layer (scores, mask, softmax, weighted sum, pointer set-up, copies), each a launch the host must make. Here it is
 two, the scores never reach memory, and a quantized cache (kv_cache.py's triples) is read as it is stored, where
 the plain path dequantized a whole copy of every full layer's cache at every step (0.5 GB a layer at 262K keys).
 
-Every number is summed in float32 and rounded once, at the end. `attention` is the one entry point; `uses_kernel`
-is the rule; everywhere else (the CPU, Metal, prompt chunks, speculative verify passes) attention.py's path runs.
+Every number is summed in float32 and rounded once, at the end. Each query is computed alone, exactly as it would
+be in a call of its own with its own row of the mask: spans are PER_SPAN keys whatever the buffer's length, so a
+longer buffer only adds spans with no visible key, which add exact zeros. A verify pass therefore gives bit for bit
+the attention of one-token steps, and greedy speculative decoding the tokens of plain decoding. `attention` is the
+one entry point; `uses_kernel` is the rule; everywhere else (the CPU, Metal, prompt chunks) attention.py's path runs.
 """
 
 import math
@@ -34,6 +38,7 @@ MAX_PLAIN_KEYS = 4096
 # of an H200's 132 multiprocessors keeps a 262K-key full layer at ~130 rounds a warp.
 TARGET_BLOCKS = 1024
 MIN_SPAN = 16  # keys a block takes at least: below that the merge costs more than the split gains
+MAX_QUERIES = 16  # queries a head the kernels take: a verify pass of up to 15 drafts
 # Spans a key head can have at most (launch_plan keeps to it): the merge keeps a weight a span in shared memory.
 MAX_SPANS = TARGET_BLOCKS + 64
 MERGE_THREADS = 256  # 8 warps a merge block (the kernel's PARTS)
@@ -91,25 +96,25 @@ __device__ __forceinline__ void load_codes(const uint32_t* words, S scale, S bia
 """
 
 # Template ints: D (head size), R (query heads per key head), KVH (key heads), P (warps splitting a block's keys),
-# T (keys a warp takes per round), BITS (0: keys and values in the queries' dtype; 4 or 8: quantized), GROUP.
-# Block b takes key head b / spans and span b % spans; warp w takes query head w % R and every P-th round of T keys.
-# Lane l holds numbers l * E .. l * E + E - 1 of a row (E = D / 32).
+# T (keys a warp takes per round), PER_SPAN (keys a span), BITS (0: keys and values in the queries' dtype; 4 or 8:
+# quantized), GROUP. Block b takes query b / (KVH spans), key head b / spans % KVH and span b % spans; warp w takes
+# query head w % R and every P-th round of T keys. Lane l holds numbers l * E .. l * E + E - 1 of a row (E = D / 32).
 SPAN_SOURCE = r"""
   constexpr int E = D / 32;
   using QT = typename element_of<decltype(queries)>::type;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int r = warp % R, part = warp / R;
-  const int S = keys_shape[2];
-  const int spans = gridDim.x / KVH;
-  const int kvh = blockIdx.x / spans, span = blockIdx.x % spans;
-  const int per_span = (S + spans - 1) / spans;
-  const int begin = span * per_span, end = min(S, begin + per_span);
+  const int S = keys_shape[2], Q = queries_shape[2];
+  const int spans = gridDim.x / (KVH * Q);
+  const int query = blockIdx.x / (KVH * spans);
+  const int kvh = blockIdx.x / spans % KVH, span = blockIdx.x % spans;
+  const int begin = span * PER_SPAN, end = min(S, begin + PER_SPAN);
   const int head = kvh * R + r;
   const size_t rows = (size_t)kvh * S;  // this key head's first row
 
   float q[E], acc[E];
   {
-    const uint4* qp = reinterpret_cast<const uint4*>(queries + (size_t)head * D + lane * E);
+    const uint4* qp = reinterpret_cast<const uint4*>(queries + ((size_t)head * Q + query) * D + lane * E);
     #pragma unroll
     for (int i = 0; i < E / 8; ++i) {
       const uint4 v = qp[i];
@@ -200,7 +205,7 @@ SPAN_SOURCE = r"""
     }
     m = top;
   }
-  const size_t at = ((size_t)kvh * spans + span) * R + r;
+  const size_t at = (((size_t)query * KVH + kvh) * spans + span) * R + r;
   #pragma unroll
   for (int e = 0; e < E; ++e) span_acc[at * D + lane * E + e] = acc[e];
   if (lane == 0) {
@@ -218,23 +223,26 @@ QUANTIZED_LOAD = (
     "prefix##_scales[(rows + t) * (D / GROUP) + lane * E / GROUP], "
     "prefix##_biases[(rows + t) * (D / GROUP) + lane * E / GROUP], out)\n"
 )
-MASKED = "#define VISIBLE(t) mask[t]\n"
+MASKED = "#define VISIBLE(t) mask[(size_t)query * S + t]\n"
 UNMASKED = "#define VISIBLE(t) true\n"
 
-# Block b merges query head b / (D / 32)'s spans for its 32 numbers (b % (D / 32)) of the head, with 8 warps (R, KVH,
-# D as above); span_ml is (KVH, spans, R, 2). Every step is parallel over spans, so that the merge takes a few memory
-# latencies, not one a span: the span weights exp(m_s - top) go to shared memory once, and warp p sums spans p,
-# p + 8, ... for the block's 32 numbers (lane = number) before the 8 partial sums are added in order.
+# Block b merges the spans of query b / (heads D / 32), query head b / (D / 32) % heads for its 32 numbers
+# (b % (D / 32)) of the head, with 8 warps (R, D as above); span_ml is (queries, KVH, spans, R, 2). Every step is
+# parallel over spans, so that the merge takes a few memory latencies, not one a span: the span weights
+# exp(m_s - top) go to shared memory once, and warp p sums spans p, p + 8, ... for the block's 32 numbers
+# (lane = number) before the 8 partial sums are added in order. Spans with no visible key weigh exactly 0.
 MERGE_SOURCE = r"""
   constexpr int SLICES = D / 32, PARTS = 8;
   __shared__ float weight[MAX_SPANS];
   __shared__ float reduced[PARTS];
   __shared__ float partial[PARTS][32];
-  const int head = blockIdx.x / SLICES, slice = blockIdx.x % SLICES;
+  const int Q = span_ml_shape[0], KVH = span_ml_shape[1], spans = span_ml_shape[2];
+  const int query = blockIdx.x / (KVH * R * SLICES);
+  const int head = blockIdx.x / SLICES % (KVH * R), slice = blockIdx.x % SLICES;
   const int kvh = head / R, r = head % R;
-  const int spans = span_ml_shape[1];
   const int lane = threadIdx.x & 31, part = threadIdx.x >> 5;
-  const float* ml = span_ml + ((size_t)kvh * spans * R + r) * 2;  // span s at ml[s * R * 2]
+  const size_t first = ((size_t)query * KVH + kvh) * spans * R + r;  // span 0 of this query and head
+  const float* ml = span_ml + first * 2;  // span s at ml[s * R * 2]
 
   // The block's sum over its threads of `value`, in an order fixed by the thread count alone; every thread gets it.
   auto block_reduce = [&](float value, bool take_max) {
@@ -265,7 +273,7 @@ MERGE_SOURCE = r"""
   total = block_reduce(total, false);  // its barriers also publish `weight`
 
   const int d = slice * 32 + lane;
-  const float* acc = span_acc + ((size_t)kvh * spans * R + r) * D + d;  // span s at acc[s * R * D]
+  const float* acc = span_acc + first * D + d;  // span s at acc[s * R * D]
   float sum = 0.0f;
   #pragma unroll 4
   for (int s = part; s < spans; s += PARTS) sum = fmaf(weight[s], acc[(size_t)s * R * D], sum);
@@ -275,7 +283,7 @@ MERGE_SOURCE = r"""
     float all = partial[0][lane];
     #pragma unroll
     for (int p = 1; p < PARTS; ++p) all += partial[p][lane];
-    store(out + (size_t)head * D + d, all / total);
+    store(out + ((size_t)head * Q + query) * D + d, all / total);
   }
 """
 
@@ -305,23 +313,27 @@ def merge_kernel():
     )
 
 
-def vector_mask(mask, key_count: int) -> tuple:
-    """(usable, mask as a (keys,) boolean array or None): the kernel takes a mask shared by every head and query."""
+def query_masks(mask, queries: int, key_count: int) -> tuple:
+    """(usable, mask as a (queries, keys) boolean array or None): the kernels take a mask row a query, shared by every
+    head; a mask over the keys alone serves every query."""
     if mask is None:
         return True, None
-    if isinstance(mask, mx.array) and mask.dtype == mx.bool_ and mask.size == key_count:
-        return True, mask.reshape(-1)
-    return False, None
+    if not (isinstance(mask, mx.array) and mask.dtype == mx.bool_ and mask.ndim >= 1 and mask.shape[-1] == key_count):
+        return False, None
+    leading = mask.shape[:-1]
+    if any(size != 1 for size in leading[:-1]) or (leading and leading[-1] not in (1, queries)):
+        return False, None
+    return True, mx.broadcast_to(mask.reshape(-1, key_count), (queries, key_count))
 
 
 def uses_kernel(queries: mx.array, keys: Rows, mask) -> bool:
-    """The rule: the CUDA backend, the switch not off, one query per head (batch 1), head sizes a multiple of 256,
-    16-bit queries, keys and values in the same dtype (at most MAX_PLAIN_KEYS of them) or quantized at 4 or 8 bits,
-    a mask shared by every head (None or a boolean vector over the keys)."""
+    """The rule: the CUDA backend, the switch not off, at most MAX_QUERIES queries a head (batch 1), head sizes a
+    multiple of 256, 16-bit queries, keys and values in the same dtype (at most MAX_PLAIN_KEYS of them) or quantized
+    at 4 or 8 bits, a mask shared by every head (None, or boolean over the keys or over queries and keys)."""
     if not (switched_on(SWITCH) and cuda_backend()):
         return False
     batch, heads, length, head_dim = queries.shape
-    if batch != 1 or length != 1 or head_dim % 256 or queries.dtype not in ACTIVATION_DTYPES:
+    if batch != 1 or length > MAX_QUERIES or head_dim % 256 or queries.dtype not in ACTIVATION_DTYPES:
         return False
     stored = keys[0] if is_quantized(keys) else keys
     kv_heads = stored.shape[1]
@@ -333,28 +345,30 @@ def uses_kernel(queries: mx.array, keys: Rows, mask) -> bool:
             return False
     elif keys.dtype != queries.dtype or row_count(keys) > MAX_PLAIN_KEYS:
         return False
-    return vector_mask(mask, row_count(keys))[0]
+    return query_masks(mask, length, row_count(keys))[0]
 
 
 def launch_plan(key_count: int, kv_heads: int, repeats: int) -> dict:
-    """Spans per key head (enough blocks to fill the GPU, at least MIN_SPAN keys each) and the warps that split a
-    block's keys (P), so that a block has at least eight warps."""
-    per_span = max(MIN_SPAN, math.ceil(key_count * kv_heads / TARGET_BLOCKS))
+    """Keys a span (enough blocks to fill the GPU, at least MIN_SPAN keys each, a power of two so that buffers of
+    nearby lengths cut their common keys alike), spans per key head and query, and the warps that split a block's
+    keys (P), so that a block has at least eight warps."""
+    wanted = max(MIN_SPAN, math.ceil(key_count * kv_heads / TARGET_BLOCKS))
+    per_span = 1 << (wanted - 1).bit_length()
     spans = math.ceil(key_count / per_span)  # at most TARGET_BLOCKS / kv_heads + 1
     assert spans <= MAX_SPANS, spans
-    return {"spans": spans, "P": max(1, 8 // repeats)}
+    return {"per_span": per_span, "spans": spans, "P": max(1, 8 // repeats)}
 
 
 def attention(queries: mx.array, keys: Rows, values: Rows, mask) -> mx.array:
-    """softmax(queries . keys^T, masked) . values with scale 1, for queries (1, heads, 1, head_dim); keys and values
-    (1, kv_heads, keys, head_dim) or quantized triples; `mask` None or a boolean vector over the keys. Call only
-    where uses_kernel says so."""
-    _, heads, _, head_dim = queries.shape
+    """softmax(queries . keys^T, masked) . values with scale 1, for queries (1, heads, queries, head_dim); keys and
+    values (1, kv_heads, keys, head_dim) or quantized triples; `mask` None or boolean over the keys, or over queries
+    and keys. Call only where uses_kernel says so."""
+    _, heads, length, head_dim = queries.shape
     quantized = is_quantized(keys)
     stored = keys[0] if quantized else keys
     kv_heads, key_count = stored.shape[1], stored.shape[2]
     repeats = heads // kv_heads
-    _, mask = vector_mask(mask, key_count)
+    _, mask = query_masks(mask, length, key_count)
     bits, group_size = quantization_of(keys, head_dim) if quantized else (0, 0)
     plan = launch_plan(key_count, kv_heads, repeats)
     threads = 32 * repeats * plan["P"]
@@ -362,19 +376,20 @@ def attention(queries: mx.array, keys: Rows, values: Rows, mask) -> mx.array:
     span_acc, span_ml = span_kernel(quantized, mask is not None)(
         inputs=inputs + ([mask] if mask is not None else []),
         template=[("D", head_dim), ("R", repeats), ("KVH", kv_heads), ("P", plan["P"]),
-                  ("T", KEY_FLOATS_PER_ROUND // head_dim),
+                  ("T", KEY_FLOATS_PER_ROUND // head_dim), ("PER_SPAN", plan["per_span"]),
                   ("BITS", bits), ("GROUP", group_size)],
-        grid=(kv_heads * plan["spans"] * threads, 1, 1),
+        grid=(length * kv_heads * plan["spans"] * threads, 1, 1),
         threadgroup=(threads, 1, 1),
-        output_shapes=[(kv_heads, plan["spans"], repeats, head_dim), (kv_heads, plan["spans"], repeats, 2)],
+        output_shapes=[(length, kv_heads, plan["spans"], repeats, head_dim),
+                       (length, kv_heads, plan["spans"], repeats, 2)],
         output_dtypes=[mx.float32, mx.float32],
     )
     (out,) = merge_kernel()(
         inputs=[span_acc, span_ml],
         template=[("D", head_dim), ("R", repeats)],
-        grid=(heads * (head_dim // 32) * MERGE_THREADS, 1, 1),
+        grid=(length * heads * (head_dim // 32) * MERGE_THREADS, 1, 1),
         threadgroup=(MERGE_THREADS, 1, 1),
-        output_shapes=[(1, heads, 1, head_dim)],
+        output_shapes=[(1, heads, length, head_dim)],
         output_dtypes=[queries.dtype],
     )
     return out
@@ -396,5 +411,5 @@ def reference_attention(queries: mx.array, keys: Rows, values: Rows, mask: Optio
     k, v = mx.repeat(k, repeats, axis=1), mx.repeat(v, repeats, axis=1)
     scores = queries.astype(mx.float32) @ k.swapaxes(-1, -2)
     if mask is not None:
-        scores = mx.where(mask.reshape(-1), scores, -mx.inf)
+        scores = mx.where(mask, scores, -mx.inf)
     return (mx.softmax(scores, axis=-1) @ v).astype(queries.dtype)
