@@ -19,7 +19,7 @@ TIMED_CALLS = 15
 
 
 def speculative_runtime(model, drafter, num_draft_tokens=None, statistics=None) -> Runtime:
-    from mlx_gemma4.speculative import make_speculative_cache, speculative_generate_step
+    from mlx_gemma4.speculative import speculative_generate_step
 
     def steps(prompt: list, max_tokens: int, cache: list):
         return speculative_generate_step(mx.array(prompt), model, drafter, max_tokens=max_tokens,
@@ -27,7 +27,7 @@ def speculative_runtime(model, drafter, num_draft_tokens=None, statistics=None) 
                                          prompt_cache=cache, statistics=statistics)
 
     label = "adaptive K" if num_draft_tokens is None else f"K={num_draft_tokens}"
-    return Runtime(f"ours + MTP ({label})", model, steps, lambda: make_speculative_cache(model))
+    return Runtime(f"ours + MTP ({label})", model, steps, model.make_cache)
 
 
 def median_seconds(call) -> float:
@@ -42,9 +42,9 @@ def median_seconds(call) -> float:
 
 def cost_model(model, drafter, prompt: list) -> dict:
     """Relative costs at the depth of `prompt`, and the speedups they imply per acceptance rate."""
-    from mlx_gemma4.speculative import make_speculative_cache, store_caches
+    from mlx_gemma4.speculative import store_caches
 
-    cache = make_speculative_cache(model)
+    cache = model.make_cache()
     for start in range(0, len(prompt), PREFILL_STEP_SIZE):
         model(mx.array(prompt[start:start + PREFILL_STEP_SIZE])[None], cache=cache)
         mx.eval([c.state for c in cache])

@@ -59,15 +59,13 @@ def run(args, read_line=input, write=sys.stdout.write) -> None:
     template_options = check_arguments(args)
     media = {"images": read_media(args.image), "audio": read_media(args.audio), "video": None}
     model, processor = load(args.model)
-    draft_model, make_cache = None, model.make_cache
+    draft_model = None
     if args.draft_model is not None:
         from .drafter import check_compatible, load_drafter
-        from .speculative import make_speculative_cache
 
         draft_model = load_drafter(args.draft_model)
         check_compatible(draft_model, model)
-        make_cache = lambda: make_speculative_cache(model)  # noqa: E731: the drafter rolls back rejected drafts
-    engine = Engine(model, processor, PromptCacheStore(make_cache, max_entries=2), draft_model,
+    engine = Engine(model, processor, PromptCacheStore(model.make_cache, max_entries=2), draft_model,
                     prefill_step_size=args.prefill_step_size, num_draft_tokens=args.num_draft_tokens)
     settings = Settings(max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p, top_k=args.top_k,
                         min_p=args.min_p, seed=args.seed)

@@ -1,4 +1,4 @@
-"""One-token decoding steps as one compiled function.
+"""Decoding steps (one token, or a speculative verify pass of a few) as one compiled function.
 
 A plain step builds its graph in Python, ~25 operations for each of 48 layers, every token; on a fast GPU that takes
 as long as the GPU's own work, so decoding waits on the host. Compiled, the graph is traced once and replayed, and
@@ -8,6 +8,11 @@ every call, which the caches of kv_cache.py give: the step writes its keys and v
 buffers grow in steps of CAPACITY_STEP positions, each a new trace, kept in the model's `compiled_steps` for later
 generations. A trace holds the weights it was made with as constants, so the traces are dropped whenever a parameter
 of the model has been replaced since (model.update, load_weights, quantizing, an adapter).
+
+A step of several tokens (the speculative loop's verify pass) writes them at consecutive positions and masks, for
+each, the keys after it; a sliding layer's ring must then have room for the window and the pass's other tokens, as
+every ring model.make_cache() makes has (decoder.RING_SPARE_SLOTS); on a ring of exactly the window such a step
+runs the plain forward pass.
 """
 
 import mlx.core as mx
@@ -21,8 +26,8 @@ CAPACITY_STEP = 1024
 
 
 class SlotCache:
-    """Stands in for a layer's cache inside the traced step: writes the new keys and values at `slot`, quantized
-    when the buffers are."""
+    """Stands in for a layer's cache inside the traced step: writes the new keys and values at `slot` (one position
+    a row), quantized when the buffers are."""
 
     def __init__(self, keys, values, slot: mx.array, position: mx.array):
         self.keys, self.values, self.slot, self.offset = keys, values, slot, position
@@ -40,12 +45,12 @@ class SlotCache:
 
 
 def written_at(buffer: mx.array, rows: mx.array, slot: mx.array) -> mx.array:
-    """`buffer` (batch, heads, positions, width) with `rows` (batch, heads, 1, width) written at position `slot`, in
-    place where the buffer can be donated. A scatter, not mx.slice_update at an array offset: MLX 0.32.4's CUDA
-    kernel for the latter runs one thread per element of the whole buffer, not of the rows written (80 writes
+    """`buffer` (batch, heads, positions, width) with `rows` (batch, heads, n, width) written at the n positions of
+    `slot`, in place where the buffer can be donated. A scatter, not mx.slice_update at an array offset: MLX 0.32.4's
+    CUDA kernel for the latter runs one thread per element of the whole buffer, not of the rows written (80 writes
     took 2.3 ms of a 12B step at 512 positions, 16 more 2.4 ms at 32K on an H200:
     bench/results/h200-decode-kernel-profile-before.json)."""
-    index = mx.broadcast_to(slot.reshape(1, 1, 1, 1), rows.shape)
+    index = mx.broadcast_to(slot.reshape(1, 1, -1, 1), rows.shape)
     return mx.put_along_axis(buffer, index, rows, axis=2)
 
 
@@ -60,29 +65,50 @@ def sliding_mask(position: mx.array, slots: int, window: int) -> mx.array:
     return (age < window) & (age <= position)
 
 
-def traced_step(model, sliding_masked: bool):
-    """step(token (1, 1), position (1,), ring slot (1,), [(keys, values) per cache]) -> (logits, final-normed hidden,
-    new buffers). A ring of exactly the window, once full, holds only keys the query sees, so it needs no mask: a
-    different graph, hence one function for each case."""
+def sliding_pass_mask(position: mx.array, rows: int, slots: int, window: int) -> mx.array:
+    """(rows, slots): which ring slots each of the queries at position, position + 1, ... sees once the pass has
+    written all of them. Slot j then holds the latest position congruent to j up to the last query's (`held`;
+    negative: never written); a query sees it when that position is its own or earlier and within its window. A
+    slot the pass overwrote held a position over `slots` back, which no query of the pass could see."""
+    last = position + rows - 1
+    held = last - (last - mx.arange(slots) + slots) % slots
+    queries = (position + mx.arange(rows))[:, None]
+    return (held <= queries) & (queries - held < window) & (held >= 0)
+
+
+def full_pass_mask(position: mx.array, rows: int, capacity: int) -> mx.array:
+    """(rows, capacity): each query at position, position + 1, ... sees the buffer's positions up to its own."""
+    return mx.arange(capacity) <= (position + mx.arange(rows))[:, None]
+
+
+def traced_step(model, sliding_masked: bool, tokens: int):
+    """step(tokens (1, tokens), position (1,), ring slots (tokens,), [(keys, values) per cache]) -> (logits,
+    final-normed hidden, new buffers). A ring of exactly the window, once full, holds only keys a lone query sees,
+    so it needs no mask: a different graph, hence one function for each case and number of tokens."""
     text = model.language_model.model
     window = text.config.sliding_window
     sliding = [text.config.layer_types[i] == SLIDING for i in text.cached_layers]
 
-    def step(token, position, ring_slot, buffers):
-        caches = [SlotCache(keys, values, ring_slot if is_sliding else position, position)
+    def step(token_ids, position, ring_slots, buffers):
+        positions = position + mx.arange(tokens) if tokens > 1 else position
+        caches = [SlotCache(keys, values, ring_slots if is_sliding else positions, position)
                   for (keys, values), is_sliding in zip(buffers, sliding)]
         rows = {is_sliding: row_count(keys) for (keys, _), is_sliding in zip(buffers, sliding)}
-        masks = {FULL: mx.arange(rows[False]) <= position if False in rows else None,
-                 SLIDING: sliding_mask(position, rows[True], window) if sliding_masked and True in rows else None}
-        hidden = text(model.embed_inputs(token), cache=caches, masks=masks)
+        if tokens == 1:
+            masks = {FULL: mx.arange(rows[False]) <= position if False in rows else None,
+                     SLIDING: sliding_mask(position, rows[True], window) if sliding_masked and True in rows else None}
+        else:
+            masks = {FULL: full_pass_mask(position, tokens, rows[False]) if False in rows else None,
+                     SLIDING: sliding_pass_mask(position, tokens, rows[True], window) if True in rows else None}
+        hidden = text(model.embed_inputs(token_ids), cache=caches, masks=masks)
         return model.language_model.logits(hidden), hidden, [(c.keys, c.values) for c in caches]
 
     return mx.compile(step)
 
 
 class CompiledSteps:
-    """A model's compiled step functions ({sliding layers masked: function}), the buffer shapes already traced, and
-    the parameter arrays they were traced with. Model owns one, so that every later generation replays its traces."""
+    """A model's compiled step functions ({(sliding layers masked, tokens): function}), the buffer shapes already
+    traced, and the parameter arrays they were traced with. Model owns one, so that every later generation replays its traces."""
 
     def __init__(self):
         self.functions = {}
@@ -106,9 +132,9 @@ class CompiledSteps:
 
 
 def decode_step(model, cache: list, return_hidden: bool = False):
-    """A function token (1, 1) -> logits (1, 1, vocab) (with `return_hidden`, (logits, final-normed hidden)) that
-    advances `cache` by one position: compiled when the caches are kv_cache's (model.make_cache(), or the speculative
-    loop's), the plain forward pass otherwise.
+    """A function tokens (1, n) -> logits (1, n, vocab) (with `return_hidden`, (logits, final-normed hidden)) that
+    advances `cache` by n positions: compiled when the caches are kv_cache's (model.make_cache(), or the speculative
+    loop's) and their rings have room for n - 1 tokens beyond the window, the plain forward pass otherwise.
 
     Made once the prompt is queued, it makes room in the buffers and traces what the steps will replay right away:
     a trace costs about as much host time as ten steps, which the device's work on the prompt then hides."""
@@ -120,43 +146,46 @@ def decode_step(model, cache: list, return_hidden: bool = False):
     compiled = model.compiled_steps
     compiled.drop_if_stale(model)
 
-    def masked(position: int) -> bool:
-        return slots > window or position < window - 1
+    def masked(position: int, tokens: int) -> bool:
+        return tokens > 1 or slots > window or position < window - 1
 
-    def run(sliding_masked: bool, token: mx.array, position: int):
-        if sliding_masked not in compiled.functions:
-            compiled.functions[sliding_masked] = traced_step(model, sliding_masked)
-        compiled.traced.add(trace_key(sliding_masked))
-        return compiled.functions[sliding_masked](
-            token, mx.array([position]), mx.array([position % slots]), [(c.keys, c.values) for c in cache]
+    def run(sliding_masked: bool, token_ids: mx.array, position: int):
+        tokens = token_ids.shape[1]
+        if (sliding_masked, tokens) not in compiled.functions:
+            compiled.functions[sliding_masked, tokens] = traced_step(model, sliding_masked, tokens)
+        compiled.traced.add(trace_key(sliding_masked, tokens))
+        ring_slots = mx.array([(position + i) % slots for i in range(tokens)])
+        return compiled.functions[sliding_masked, tokens](
+            token_ids, mx.array([position]), ring_slots, [(c.keys, c.values) for c in cache]
         )
 
-    def trace_key(sliding_masked: bool) -> tuple:
-        return sliding_masked, slots, full_caches[0].capacity() if full_caches else 0, cache[0].quantized
+    def trace_key(sliding_masked: bool, tokens: int) -> tuple:
+        return sliding_masked, tokens, slots, full_caches[0].capacity() if full_caches else 0, cache[0].quantized
 
-    def make_room(position: int):
+    def make_room(last_position: int):
         for full_cache in full_caches:
-            if full_cache.capacity() <= position:
-                full_cache.reserve((position // CAPACITY_STEP + 1) * CAPACITY_STEP)
+            if full_cache.capacity() <= last_position:
+                full_cache.reserve((last_position // CAPACITY_STEP + 1) * CAPACITY_STEP)
 
     def trace_ahead(position: int):
         make_room(position)
-        for sliding_masked in {masked(position), masked(max(position, window - 1))}:
-            if trace_key(sliding_masked) not in compiled.traced:
+        for sliding_masked in {masked(position, 1), masked(max(position, window - 1), 1)}:
+            if trace_key(sliding_masked, 1) not in compiled.traced:
                 run(sliding_masked, mx.zeros((1, 1), dtype=mx.int32), position)  # traced, never evaluated
 
-    def step(token: mx.array):
-        position = cache[0].offset
-        if position == 0:  # the buffers are made by the first write
-            return model(token, cache=cache, return_hidden=return_hidden)
+    def step(token_ids: mx.array):
+        position, tokens = cache[0].offset, token_ids.shape[1]
+        # The buffers are made by the first write; a ring must keep the window while the pass writes its tokens.
+        if position == 0 or slots < window + tokens - 1:
+            return model(token_ids, cache=cache, return_hidden=return_hidden)
         for layer_cache in cache:
             layer_cache.quantize_if_due()
-        make_room(position)
-        logits, hidden, buffers = run(masked(position), token, position)
+        make_room(position + tokens - 1)
+        logits, hidden, buffers = run(masked(position, tokens), token_ids, position)
         # The old buffers are now referenced only by the step's graph, which can then write into them in place.
         for layer_cache, (keys, values) in zip(cache, buffers):
             layer_cache.keys, layer_cache.values = keys, values
-            layer_cache.offset += 1
+            layer_cache.offset += tokens
         return (logits, hidden) if return_hidden else logits
 
     if cache[0].offset:

@@ -11,11 +11,16 @@ from mlx.utils import tree_flatten
 from .attention import scaled_dot_product_attention
 from .attention_mask import PositionMask
 from .config import FULL, SLIDING, TextConfig
+from .draft_policy import MAX_DRAFT_TOKENS
 from .errors import Gemma4Error
 from .fused_norms import (heads_use_kernel, normalized_heads, query_key_value, residual_then_norm, scaled_residual,
                           scaled_residual_then_norm)
 from .kv_cache import FullCache, KVQuantization, WindowCache
 from .memory_bound import pace
+
+# A ring's slots beyond the window: the key the MTP assistant reads one past the window, and a whole verify pass (the
+# drafts and the token before them) to roll back.
+RING_SPARE_SLOTS = 2 + MAX_DRAFT_TOKENS
 
 
 
@@ -314,11 +319,16 @@ class TextModel(nn.Module):
         return embeddings * mx.array(self.config.hidden_size**0.5, dtype=embeddings.dtype)
 
     def make_cache(self, quantization: Optional[KVQuantization] = None) -> list:
-        """One cache per layer that owns its keys and values: a window-sized ring for sliding layers (memory bounded
-        whatever the context), a growing buffer for full layers, all quantized alike if `quantization` says so.
-        Layers that reuse another's KV get none."""
+        """One cache per layer that owns its keys and values: a ring for sliding layers (memory bounded whatever the
+        context), a growing buffer for full layers, all quantized alike if `quantization` says so. Layers that reuse
+        another's KV get none.
+
+        Every ring holds RING_SPARE_SLOTS slots beyond the window, so that any cache serves speculative decoding too
+        (it rolls back rejected drafts) and plain steps read the very buffers a verify pass reads: on the GPU a
+        verify pass then gives bit for bit the logits of plain steps (decode_attention.py)."""
+        slots = self.config.sliding_window + RING_SPARE_SLOTS
         return [
-            WindowCache(self.config.sliding_window, quantization=quantization)
+            WindowCache(self.config.sliding_window, slots, quantization=quantization)
             if self.config.layer_types[i] == SLIDING else FullCache(quantization)
             for i in self.cached_layers
         ]

@@ -7,9 +7,11 @@ token when it is the target's argmax; sampling uses the standard rejection rule 
 min(1, p / q), else draw from max(0, p - q)), both distributions filtered as the plain sampler filters, so the output
 is distributed as plain sampling from the target.
 
-Sliding-window layers keep their keys in a ring (kv_cache.WindowCache) a little longer than the window: a rollback
-moves the offset back, and the extra slots still hold what the window and the drafter (which reads one key more than
-the window) need. A plain round (k = 0) is plain generation's compiled decode step.
+Sliding-window layers keep their keys in a ring (kv_cache.WindowCache) a little longer than the window (every cache
+model.make_cache() makes): a rollback moves the offset back, and the extra slots still hold what the window and the
+drafter (which reads one key more than the window) need. A plain round (k = 0) is plain generation's compiled decode
+step, and a verify pass of k + 1 tokens is one too (decode_step.py traces one function for each k + 1): on the GPU
+its logits are bit for bit those of plain steps, so greedy speculative decoding emits plain greedy decoding's tokens.
 
 As in plain decoding, whenever a token is handed out the caches hold exactly the prompt and the tokens handed out so
 far: the round that feeds a round's last token is queued before that token is yielded, and while the caller holds a
@@ -24,25 +26,12 @@ from typing import Iterator, Optional
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_sampler
 
-from .config import SLIDING
-from .draft_policy import MAX_DRAFT_TOKENS, DraftPolicy
+from .draft_policy import DraftPolicy
 from .errors import Gemma4Error
 from .decode_step import decode_step
 from .decoding import (
     CLEAR_CACHE_EVERY, DEFAULT_PREFILL_STEP_SIZE, generation_stream, prefill, quantize_caches, sample_last)
 from .kv_cache import FullCache, WindowCache
-
-
-def make_speculative_cache(model, max_draft_tokens: int = MAX_DRAFT_TOKENS) -> list:
-    """The target's caches, every one trimmable: sliding layers' rings hold, beyond the window, the key the drafter
-    reads one past it and room for a whole verify pass (k drafts and the token before them) to be rolled back."""
-    text_model = model.language_model.model
-    config = text_model.config
-    slots = config.sliding_window + 2 + max_draft_tokens
-    return [
-        WindowCache(config.sliding_window, slots) if config.layer_types[i] == SLIDING else FullCache()
-        for i in text_model.cached_layers
-    ]
 
 
 def store_caches(model, cache: list) -> dict:
@@ -201,9 +190,9 @@ def speculative_generate_step(
     policy = drafter.draft_policy if num_draft_tokens is None else DraftPolicy(num_draft_tokens)
     policy.begin()
     statistics = statistics if statistics is not None else DraftStatistics()
-    cache = make_speculative_cache(model) if prompt_cache is None else prompt_cache
+    cache = model.make_cache() if prompt_cache is None else prompt_cache
     if not all(isinstance(c, (FullCache, WindowCache)) and c.is_trimmable() for c in cache):
-        raise Gemma4Error("speculative decoding needs trimmable caches: make them with make_speculative_cache")
+        raise Gemma4Error("speculative decoding needs trimmable caches: make them with model.make_cache()")
     quantize_caches(cache, kv_bits, kv_group_size, quantized_kv_start)
     stores = store_caches(model, cache)
     embed = model.language_model.model.embed
@@ -217,7 +206,7 @@ def speculative_generate_step(
         """A plain decoding step (k = 0) after `token`, as generate_step runs one: the target's compiled step alone,
         its token drawn by the plain sampler, nothing else queued."""
         with mx.stream(generation_stream):
-            logits, hidden = plain_step(token)
+            logits, hidden = target_step(token)
             step = Round(0, no_tokens, no_tokens, *sample_last(logits, sampler), hidden)
         mx.async_eval(step.fallback, step.logprobs, step.hidden)
         return step
@@ -234,7 +223,7 @@ def speculative_generate_step(
             if drafts:
                 mx.async_eval(drafts)  # the assistant runs while the verify pass is being built
             verify_ids = mx.concatenate([token] + drafts, axis=1)
-            logits, hidden = model(verify_ids, cache=cache, return_hidden=True)
+            logits, hidden = target_step(verify_ids)
             logits = logits[0]
             distributions = mx.concatenate(distributions) if distributions else None
             accepted, fallback = accept(logits, verify_ids[0, 1:], distributions)
@@ -245,7 +234,7 @@ def speculative_generate_step(
 
     recorder = LastHiddenRecorder(model)
     first, first_logprobs = prefill(prompt, recorder, cache, sampler, prefill_step_size, **model_inputs)
-    plain_step = decode_step(model, cache, return_hidden=True)
+    target_step = decode_step(model, cache, return_hidden=True)  # plain steps and verify passes, compiled
     current = start_round(first[None], recorder.last_hidden, policy.next(max_tokens - 1))
     yield from handed_out(cache, [(first.item(), first_logprobs, False)], [current.k])
     produced, next_clear = 1, CLEAR_CACHE_EVERY

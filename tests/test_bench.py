@@ -75,7 +75,7 @@ def test_report_sets_our_mtp_against_mlx_vlm_at_the_same_k(results):
 def test_random_assistant_loads_unchanged_in_mlx_vlm(tmp_path):
     from mlx_vlm.speculative.drafters import load_drafter
 
-    from mlx_gemma4.speculative import make_speculative_cache, store_caches
+    from mlx_gemma4.speculative import store_caches
     from peer_mtp import save_peer_assistant
     from random_model import assistant_config_dict, build_random_assistant
 
@@ -85,7 +85,7 @@ def test_random_assistant_loads_unchanged_in_mlx_vlm(tmp_path):
     peer, _ = load_drafter(str(tmp_path), kind="mtp")
     # Within the sliding window: past it, mlx-vlm's drafter masks the sliding keys its own way.
     position = config["text_config"]["sliding_window"] - 12
-    cache = make_speculative_cache(model)
+    cache = model.make_cache()
     _, hidden = model(mx.arange(3, 3 + position)[None], cache=cache, return_hidden=True)
     target_kv = {kind: layer_cache.keys_and_values() for kind, layer_cache in store_caches(model, cache).items()}
     embedding = model.language_model.model.embed(mx.array([[7]]))

@@ -8,7 +8,7 @@ import torch
 
 from mlx_gemma4.drafter import load_drafter
 from mlx_gemma4.loading import load
-from mlx_gemma4.speculative import make_speculative_cache, store_caches
+from mlx_gemma4.speculative import store_caches
 from reference_models import save_reference_checkpoint
 from speculative_fixtures import TARGET_HIDDEN, all_layers_reuse, save_reference_assistant
 
@@ -77,7 +77,7 @@ def test_first_draft_from_our_target_matches_the_reference_pair(tmp_path, assist
     shared = {kind: (k.numpy(), v.numpy()) for kind, (k, v) in out.shared_kv_states.items()}
     expected_logits, expected_state = reference_draft(reference_assistant, embedding, hidden, shared, len(prompt))
 
-    cache = make_speculative_cache(target)
+    cache = target.make_cache()
     logits, our_hidden = target(mx.array([prompt]), cache=cache, return_hidden=True)
     assert int(mx.argmax(logits[0, -1]).item()) == first_token
     target_kv = {kind: c.keys_and_values() for kind, c in store_caches(target, cache).items()}

@@ -10,7 +10,6 @@ from mlx_gemma4.decoding import generate_step
 from mlx_gemma4.drafter import load_drafter
 from mlx_gemma4.generation import stream_generate
 from mlx_gemma4.loading import load
-from mlx_gemma4.speculative import make_speculative_cache
 from reference_models import save_reference_checkpoint
 from speculative_fixtures import ScriptedDrafter, save_reference_assistant
 
@@ -86,7 +85,7 @@ def test_later_turns_see_the_whole_conversation_however_a_turn_ends(pair, drafti
     stop_tokens = StopsAtTheNthToken(STOP_AT) if stop == "stop_token" else set()
     processor.stop_token_ids, saved_stops = stop_tokens, processor.stop_token_ids
     try:
-        cache = model.make_cache() if drafter is None else make_speculative_cache(model)
+        cache = model.make_cache()
         conversation, alive = [], []
         for turn in TURNS[:2]:
             tokens, generator = run_turn(model, processor, turn, cache, drafter, stop, sampled)
@@ -109,7 +108,7 @@ def test_greedy_turns_with_the_drafter_equal_plain_greedy_turns(pair):
     try:
         replies = {}
         for drafter in (None, assistant):
-            cache = model.make_cache() if drafter is None else make_speculative_cache(model)
+            cache = model.make_cache()
             replies[drafter is None] = [run_turn(model, processor, turn, cache, drafter, "max_tokens", False)[0]
                                         for turn in TURNS]
     finally:

@@ -16,7 +16,7 @@ from mlx_gemma4.server.chat_format import (ReplyParser, forced_tool_grammar, gem
                                            parse_tool_call)
 from mlx_gemma4.server.engine import Engine, Finished, Job, Piece, Prompt, QueueFull, Settings, StopStringFilter, media_keys
 from mlx_gemma4.server.prompt_cache_store import PromptCacheStore, can_rewind, snapshot
-from mlx_gemma4.speculative import make_speculative_cache
+from mlx_gemma4.kv_cache import FullCache, WindowCache
 from server_fixtures import WEATHER_TOOL, save_server_checkpoint
 from speculative_fixtures import save_reference_assistant
 
@@ -127,8 +127,7 @@ def conversation(processor, engine: Engine) -> tuple:
 @pytest.mark.parametrize("with_drafter", [False, True], ids=["plain", "drafter"])
 def test_cached_turns_give_the_cold_turns_greedy_tokens(library, drafter, with_drafter):
     model, processor = library
-    make_cache = (lambda: make_speculative_cache(model)) if with_drafter else model.make_cache
-    cached = Engine(model, processor, PromptCacheStore(make_cache), drafter if with_drafter else None)
+    cached = Engine(model, processor, PromptCacheStore(model.make_cache), drafter if with_drafter else None)
     prompts, _ = conversation(processor, cached)
     for ids in prompts:
         cold = Engine(model, processor, PromptCacheStore(model.make_cache))
@@ -150,8 +149,8 @@ def test_a_later_turn_prefills_only_what_it_adds(library):
 
 def test_a_wrapped_window_ring_cannot_go_back_but_a_longer_ring_can(library):
     model, _ = library
-    for make_cache, expected in ((model.make_cache, False), (lambda: make_speculative_cache(model), True)):
-        cache = make_cache()
+    window_sized = [WindowCache(c.window) if isinstance(c, WindowCache) else FullCache() for c in model.make_cache()]
+    for cache, expected in ((window_sized, False), (model.make_cache(), True)):
         model(mx.arange(20, 40)[None], cache=cache)
         assert can_rewind(cache, 19) is expected and can_rewind(cache, 20)
 

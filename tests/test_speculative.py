@@ -6,6 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from mlx_gemma4.decode_step import decode_step
 from mlx_gemma4.draft_policy import DraftPolicy
 from mlx_gemma4.drafter import load_drafter
 from mlx_gemma4.errors import Gemma4Error
@@ -271,3 +272,28 @@ def test_the_cli_refuses_a_mismatched_assistant_in_one_line(target_folder, tmp_p
     assert main(["--model", str(target), "--prompt", "hi", "--draft-model", str(assistant)]) == 1
     error = capsys.readouterr().err
     assert error.startswith("error: the draft model expects a target of hidden size 40") and error.count("\n") == 1
+
+
+def test_compiled_verify_passes_give_the_forward_passs_logits_across_ring_wraps_and_rollbacks(pair):
+    """decode_step's passes of several tokens (as the loop verifies drafts) against the uncompiled forward pass on
+    twin caches: the same logits and hidden states pass after pass, while the rings wrap many times and rejected
+    positions are rolled back."""
+    model = pair[0]
+    plain_cache, compiled_cache = model.make_cache(), model.make_cache()
+    for cache in (plain_cache, compiled_cache):
+        mx.eval(model(mx.array(PROMPT)[None], cache=cache))
+    step = decode_step(model, compiled_cache, return_hidden=True)
+    vocab = model.config.text_config.vocab_size
+    rng = np.random.default_rng(3)
+    worst = 0.0
+    for tokens, rejected in [(3, 1), (1, 0), (4, 3), (2, 0), (7, 2), (5, 5), (1, 0), (6, 1), (9, 4), (3, 0)] * 3:
+        ids = mx.array(rng.integers(3, vocab, (1, tokens)), dtype=mx.int32)
+        expected = model(ids, cache=plain_cache, return_hidden=True)
+        got = step(ids)
+        for a, b in zip(got, expected):
+            worst = max(worst, mx.abs(a - b).max().item())
+        for cache in plain_cache + compiled_cache:
+            cache.trim(rejected)
+    assert compiled_cache[0].offset == plain_cache[0].offset > len(PROMPT) + 4 * SLIDING_WINDOW
+    assert any(key[1] == 9 for key in model.compiled_steps.functions)  # the nine-token pass was compiled
+    assert worst < 1e-4

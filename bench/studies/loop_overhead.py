@@ -66,8 +66,6 @@ def main(argv=None):
 
     runs = [
         ("plain: generate_step, compiled step over the ring buffers", plain(model.make_cache)),
-        ("plain: generate_step step by step, on the speculative loop's caches",
-         plain(lambda: speculative.make_speculative_cache(model))),
         ("speculative loop, plain steps only", forced_plain_rounds),
         ("speculative loop, adaptive, random assistant", speculative_loop()),
         ("speculative loop, K=1, random assistant", speculative_loop(1)),

@@ -79,15 +79,12 @@ def build_server(args, template_args: dict):
 
     model, processor = load(args.model)
     draft_model = None
-    make_cache = model.make_cache
     if args.draft_model is not None:
         from ..drafter import check_compatible, load_drafter
-        from ..speculative import make_speculative_cache
 
         draft_model = load_drafter(args.draft_model)
         check_compatible(draft_model, model)
-        make_cache = lambda: make_speculative_cache(model)  # noqa: E731: the drafter rolls back rejected drafts
-    store = PromptCacheStore(make_cache, args.prompt_cache_size, args.prompt_cache_bytes)
+    store = PromptCacheStore(model.make_cache, args.prompt_cache_size, args.prompt_cache_bytes)
     engine = Engine(model, processor, store, draft_model, args.max_queued, args.prefill_step_size,
                     num_draft_tokens=args.num_draft_tokens)
     config = ServerConfig(
