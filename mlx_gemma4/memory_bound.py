@@ -1,4 +1,4 @@
-"""Bounding what a long computation holds in flight, through MLX's own memory limit.
+"""Bounding what a long computation holds in flight: MLX's own memory limit, and pacing.
 
 MLX evaluates a graph by handing its operations to the device without waiting for them, and every operation's
 inputs stay allocated until the device has run it. On CUDA up to 10 command graphs of up to 1,000 MB each may be in
@@ -9,6 +9,10 @@ the transient part on every backend, at the cost of the host waiting on the devi
 (bench/results/h200-prefill-memory-bound.json, 16K-token prompt): transient 11.4 GB unbounded, 2.1 GB with this
 budget, prefill 3.36 s against 3.60 s. The bound cannot go much lower: MLX frees a command graph's inputs only once
 the whole graph (up to 1,000 MB of them) has run, so a budget of 256 MiB still left 2.2 GB.
+
+Pacing (`pace`) queues the prefill piece by piece (attention blocks, a layer's attention, its MLP) and waits for the
+piece before, which holds less and keeps the device busier: see PACED_AHEAD. What still holds ~2 GB beyond weights and
+cache is not known yet: halving the attention-score blocks did not move it.
 """
 
 from collections import deque
@@ -21,9 +25,12 @@ import mlx.core as mx
 # (a 2,048-token chunk of the 12B makes 126 MB of gate/up activations per layer and 128 MB attention-score blocks),
 # so that the device always has queued work.
 PREFILL_TRANSIENT_BYTES = 1 << 30
-# Paced evaluations (`pace`) queued at once: the device always has the next one to run while the host waits for the
-# one before; more would only hold more memory. 0 turns pacing off (studies).
-PACED_AHEAD = 2
+# Paced evaluations (`pace`) queued beyond the one being waited for: with one, the device always has the next piece
+# to run while the host waits. Measured on an H200 (bench/results/h200-prefill-pacing-16k.json, -64k.json; 12B,
+# 2,048-token chunks): transient 2.04 GB at 16K and 2.21 at 64K with one, 2.34 at 16K with two, 2.45 and 2.48 with
+# none (MLX's memory limit alone); prefill 3.23 s against 3.72 s unpaced at 16K, 14.4 s against 17.0 s at 64K.
+# 0 turns pacing off (studies).
+PACED_AHEAD = 1
 
 # The evaluations `pace` has queued, inside a transient_memory_bound block; None outside one.
 _paced = ContextVar("paced", default=None)

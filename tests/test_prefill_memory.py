@@ -6,7 +6,7 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.sample_utils import make_sampler
 
-from mlx_gemma4 import attention
+from mlx_gemma4 import attention, memory_bound
 from mlx_gemma4.decoding import prefill
 from mlx_gemma4.loading import load
 from mlx_gemma4.memory_bound import PREFILL_TRANSIENT_BYTES
@@ -78,3 +78,53 @@ def test_a_failing_prefill_restores_the_memory_limit(model):
     with pytest.raises(RuntimeError, match="chunk failed"):
         prefill(prompt, LimitRecorder(model, fail_at=2), model.make_cache(), make_sampler(0.0), CHUNK)
     assert mx.get_memory_limit() == before
+
+
+class RecordedEvaluations:
+    """mlx.core as memory_bound sees it, recording which arrays pace queues and which it waits for."""
+
+    def __init__(self):
+        self.queued, self.waited = [], []
+
+    def async_eval(self, *arrays):
+        self.queued.append(arrays)
+        mx.async_eval(*arrays)
+
+    def eval(self, *arrays):
+        self.waited.append(arrays)
+        mx.eval(*arrays)
+
+    def __getattr__(self, name):
+        return getattr(mx, name)
+
+
+def test_pace_waits_for_the_piece_queued_before_the_last_one_and_only_in_a_bounded_block(monkeypatch):
+    recorded = RecordedEvaluations()
+    monkeypatch.setattr(memory_bound, "mx", recorded)
+    monkeypatch.setattr(memory_bound, "PACED_AHEAD", 1)
+    pieces = [(mx.ones(4) * i,) for i in range(4)]
+    memory_bound.pace(*pieces[0])  # outside a bound: nothing queued, nothing waited for
+    assert recorded.queued == [] and recorded.waited == []
+    with memory_bound.transient_memory_bound(1 << 20):
+        for piece in pieces:
+            memory_bound.pace(*piece)
+    assert [arrays[0] is piece[0] for arrays, piece in zip(recorded.queued, pieces)] == [True] * 4
+    assert [arrays[0] is piece[0] for arrays, piece in zip(recorded.waited, pieces[:3])] == [True] * 3
+    assert len(recorded.waited) == 3
+    memory_bound.pace(*pieces[0])  # the block left: inert again, so a step traced later by mx.compile may call it
+    assert len(recorded.queued) == 4
+
+
+def test_a_paced_prefill_computes_what_an_unpaced_one_does(model, monkeypatch):
+    """Pacing only changes when pieces are evaluated: the caches and the first token's log-probabilities are the
+    same bit for bit (attention in blocks of BLOCK_KEYS keys, each block paced too)."""
+    heads = model.config.text_config.num_attention_heads
+    monkeypatch.setattr(attention, "SCORES_PER_BLOCK", heads * CHUNK * BLOCK_KEYS)
+    results = []
+    for ahead in (0, 1):
+        monkeypatch.setattr(memory_bound, "PACED_AHEAD", ahead)
+        cache = model.make_cache()
+        prompt = mx.random.randint(10, 300, (700,), key=mx.random.key(7))
+        token, logprobs = prefill(prompt, model, cache, make_sampler(0.0), CHUNK)
+        results.append([token, logprobs] + [part for c in cache for part in (c.keys, c.values)])
+    assert all(mx.array_equal(a, b) for a, b in zip(*results))
