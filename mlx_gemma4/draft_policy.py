@@ -26,7 +26,9 @@ from typing import Optional
 
 from .errors import Gemma4Error
 
-MAX_DRAFT_TOKENS = 16
+# A verify pass is the drafts and the token before them: at most 16 rows, the most the CUDA kernels take
+# (quantized_matvec, decode_attention, fused_norms), so that every pass gives one-token steps' logits bit for bit.
+MAX_DRAFT_TOKENS = 15
 INITIAL_DRAFT_TOKENS = 1
 PROBE_INTERVAL, MAX_PROBE_INTERVAL = 16, 256
 # Weight the acceptance estimate gives to what came before each new observation (about the last 50 rounds count).

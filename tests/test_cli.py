@@ -123,7 +123,7 @@ def test_flags_are_checked_before_any_model_is_loaded(tmp_path, capsys, monkeypa
     code, out, err = run_cli(capsys, "--model", tmp_path / "absent", "--prompt", "hi", "--draft-model",
                              tmp_path / "absent", "--num-draft-tokens", "0")
     assert code == 1 and out == ""
-    assert err == "error: --num-draft-tokens must be between 1 and 16\n"
+    assert err == "error: --num-draft-tokens must be between 1 and 15\n"
 
 
 def test_a_reply_cut_short_by_the_context_says_so_on_stderr(checkpoint, capsys):
