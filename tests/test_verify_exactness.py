@@ -56,7 +56,7 @@ def test_verify_passes_give_one_token_steps_logits_bit_for_bit(random_pair):
         compared += tokens
         for cache in passes + steps:
             cache.trim(rejected)
-    assert passes[0].offset == steps[0].offset > 1024  # past the capacity step, the 82-slot rings wrapped 13 times
+    assert passes[0].offset == steps[0].offset > 1024  # past the capacity step; the 81-slot rings wrapped 13 times
     assert compared > 100
 
 
