@@ -58,27 +58,20 @@ def supports(cache: list) -> bool:
     return bool(cache) and all(isinstance(c, (WindowCache, FullCache)) for c in cache)
 
 
-def sliding_mask(position: mx.array, slots: int, window: int) -> mx.array:
-    """Which ring slots the query at `position` sees: those written (at or before it) and within the window. Slot j
-    holds the latest position congruent to j, `age` steps back."""
-    age = (position - mx.arange(slots) + slots) % slots
-    return (age < window) & (age <= position)
-
-
-def sliding_pass_mask(position: mx.array, rows: int, slots: int, window: int) -> mx.array:
-    """(rows, slots): which ring slots each of the queries at position, position + 1, ... sees once the pass has
-    written all of them. Slot j then holds the latest position congruent to j up to the last query's (`held`;
-    negative: never written); a query sees it when that position is its own or earlier and within its window. A
-    slot the pass overwrote held a position over `slots` back, which no query of the pass could see."""
-    last = position + rows - 1
+def sliding_mask(positions: mx.array, slots: int, window: int) -> mx.array:
+    """(queries, slots): which ring slots each query (at `positions`, consecutive) sees once the step has written
+    all of them. Slot j then holds the latest position congruent to j up to the last query's (`held`; negative: never
+    written); a query sees it when that position is its own or earlier and within its window. A slot the step
+    overwrote held a position over `slots` back, which none of its queries could see."""
+    last = positions[-1]
     held = last - (last - mx.arange(slots) + slots) % slots
-    queries = (position + mx.arange(rows))[:, None]
+    queries = positions[:, None]
     return (held <= queries) & (queries - held < window) & (held >= 0)
 
 
-def full_pass_mask(position: mx.array, rows: int, capacity: int) -> mx.array:
-    """(rows, capacity): each query at position, position + 1, ... sees the buffer's positions up to its own."""
-    return mx.arange(capacity) <= (position + mx.arange(rows))[:, None]
+def full_mask(positions: mx.array, capacity: int) -> mx.array:
+    """(queries, capacity): each query (at `positions`) sees the buffer's positions up to its own."""
+    return mx.arange(capacity) <= positions[:, None]
 
 
 def traced_step(model, sliding_masked: bool, tokens: int):
@@ -90,16 +83,12 @@ def traced_step(model, sliding_masked: bool, tokens: int):
     sliding = [text.config.layer_types[i] == SLIDING for i in text.cached_layers]
 
     def step(token_ids, position, ring_slots, buffers):
-        positions = position + mx.arange(tokens) if tokens > 1 else position
+        positions = position + mx.arange(tokens)
         caches = [SlotCache(keys, values, ring_slots if is_sliding else positions, position)
                   for (keys, values), is_sliding in zip(buffers, sliding)]
         rows = {is_sliding: row_count(keys) for (keys, _), is_sliding in zip(buffers, sliding)}
-        if tokens == 1:
-            masks = {FULL: mx.arange(rows[False]) <= position if False in rows else None,
-                     SLIDING: sliding_mask(position, rows[True], window) if sliding_masked and True in rows else None}
-        else:
-            masks = {FULL: full_pass_mask(position, tokens, rows[False]) if False in rows else None,
-                     SLIDING: sliding_pass_mask(position, tokens, rows[True], window) if True in rows else None}
+        masks = {FULL: full_mask(positions, rows[False]) if False in rows else None,
+                 SLIDING: sliding_mask(positions, rows[True], window) if sliding_masked and True in rows else None}
         hidden = text(model.embed_inputs(token_ids), cache=caches, masks=masks)
         return model.language_model.logits(hidden), hidden, [(c.keys, c.values) for c in caches]
 
@@ -108,7 +97,8 @@ def traced_step(model, sliding_masked: bool, tokens: int):
 
 class CompiledSteps:
     """A model's compiled step functions ({(sliding layers masked, tokens): function}), the buffer shapes already
-    traced, and the parameter arrays they were traced with. Model owns one, so that every later generation replays its traces."""
+    traced, and the parameter arrays they were traced with. Model owns one, so that every later generation replays
+    its traces."""
 
     def __init__(self):
         self.functions = {}
