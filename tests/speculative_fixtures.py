@@ -7,6 +7,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from mlx_gemma4.draft_policy import DraftPolicy
+from mlx_gemma4.kv_cache import FullCache, WindowCache
 from reference_models import randomize
 
 TARGET_HIDDEN = 48
@@ -92,3 +93,9 @@ class ScriptedDrafter:
             token = (token + 1) % self.vocab_size
         logits = mx.zeros((1, 1, self.vocab_size)).at[..., token].add(10.0)
         return logits, target_hidden
+
+
+def window_sized_rings(model) -> list:
+    """Caches whose rings hold exactly the window, as prompt-cache files written before make_cache added spare slots
+    hold them: they cannot roll positions back."""
+    return [WindowCache(c.window) if isinstance(c, WindowCache) else FullCache() for c in model.make_cache()]

@@ -9,8 +9,8 @@ from mlx_gemma4.errors import Gemma4Error
 from mlx_gemma4.generation import stream_generate
 from mlx_gemma4.loading import load
 from mlx_gemma4.prompt_cache_file import continuation_ids, load_prompt_cache, save_prompt_cache
-from mlx_gemma4.kv_cache import FullCache, WindowCache
 from reference_models import save_reference_checkpoint
+from speculative_fixtures import window_sized_rings
 
 SHAPE = dict(head_dim=32, global_head_dim=64, sliding_window=4)
 PROMPT = list(range(20, 50))  # many windows long
@@ -36,11 +36,6 @@ def loaded(folders):
 def continue_greedy(model, processor, cache, **options) -> list:
     return [r.token for r in stream_generate(model, processor, FOLLOW_UP, max_tokens=10, prompt_cache=cache,
                                              **options)]
-
-
-def window_sized_rings(model) -> list:
-    """Caches whose rings hold exactly the window, as files written before make_cache added spare slots hold."""
-    return [WindowCache(c.window) if isinstance(c, WindowCache) else FullCache() for c in model.make_cache()]
 
 
 @pytest.mark.parametrize("cache_kind,kv_bits", [("made", None), ("made", 8), ("window-sized rings", None)])

@@ -16,9 +16,8 @@ from mlx_gemma4.server.chat_format import (ReplyParser, forced_tool_grammar, gem
                                            parse_tool_call)
 from mlx_gemma4.server.engine import Engine, Finished, Job, Piece, Prompt, QueueFull, Settings, StopStringFilter, media_keys
 from mlx_gemma4.server.prompt_cache_store import PromptCacheStore, can_rewind, snapshot
-from mlx_gemma4.kv_cache import FullCache, WindowCache
 from server_fixtures import WEATHER_TOOL, save_server_checkpoint
-from speculative_fixtures import save_reference_assistant
+from speculative_fixtures import save_reference_assistant, window_sized_rings
 
 REPLY = ('<|channel>thought\nPlan: ask.<channel|>Sure, <|tool_call>call:get_weather{city:<|"|>Paris, {FR}<|"|>,'
          "days:3,hourly:true}<tool_call|><|tool_response>anything after")
@@ -149,8 +148,7 @@ def test_a_later_turn_prefills_only_what_it_adds(library):
 
 def test_a_wrapped_window_ring_cannot_go_back_but_a_longer_ring_can(library):
     model, _ = library
-    window_sized = [WindowCache(c.window) if isinstance(c, WindowCache) else FullCache() for c in model.make_cache()]
-    for cache, expected in ((window_sized, False), (model.make_cache(), True)):
+    for cache, expected in ((window_sized_rings(model), False), (model.make_cache(), True)):
         model(mx.arange(20, 40)[None], cache=cache)
         assert can_rewind(cache, 19) is expected and can_rewind(cache, 20)
 
