@@ -161,20 +161,28 @@ SECOND_NORM_WEIGHT = r"""
   }
 """
 
-RESIDUAL_THEN_NORM_SOURCE = NORM_LOADS + SECOND_NORM_WEIGHT + RESIDUAL + r"""
-  squares = 0.0f;
-  #pragma unroll
-  for (int i = 0; i < PER_THREAD; ++i) squares = fmaf(h[i], h[i], squares);
+
+def stored_and_normed(output: str) -> str:
+    """The rows h stored to `output`, and their norm with the second weight to `normed`, from the squares of h summed
+    just before: as mx.fast.rms_norm would take it from the stored rows."""
+    return r"""
   normalizer = rsqrtf(block_sum<ROW_THREADS>(squares, scratch) / N + EPS);
   #pragma unroll
   for (int i = 0; i < PER_THREAD; ++i) {
     const int n = threadIdx.x + i * ROW_THREADS;
     if (n < N) {
-      store(residual + row + n, h[i]);
+      store(""" + output + r""" + row + n, h[i]);
       store(normed + row + n, w2[i] * rounded(h[i] * normalizer, T()));
     }
   }
 """
+
+
+RESIDUAL_THEN_NORM_SOURCE = NORM_LOADS + SECOND_NORM_WEIGHT + RESIDUAL + r"""
+  squares = 0.0f;
+  #pragma unroll
+  for (int i = 0; i < PER_THREAD; ++i) squares = fmaf(h[i], h[i], squares);
+""" + stored_and_normed("residual")
 
 SCALED_RESIDUAL_SOURCE = NORM_LOADS + r"""
   const float factor = to_float(scalar[0]);
@@ -196,16 +204,7 @@ SCALED_RESIDUAL_THEN_NORM_SOURCE = NORM_LOADS + r"""
     h[i] = rounded(h[i] * factor, T());
     squares = fmaf(h[i], h[i], squares);
   }
-  normalizer = rsqrtf(block_sum<ROW_THREADS>(squares, scratch) / N + EPS);
-  #pragma unroll
-  for (int i = 0; i < PER_THREAD; ++i) {
-    const int n = threadIdx.x + i * ROW_THREADS;
-    if (n < N) {
-      store(out + row + n, h[i]);
-      store(normed + row + n, w2[i] * rounded(h[i] * normalizer, T()));
-    }
-  }
-"""
+""" + stored_and_normed("out")
 
 
 def header(eps: float) -> str:
