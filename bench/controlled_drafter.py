@@ -37,8 +37,8 @@ class ControlledDrafter:
             return right
         return (right + 1 + self.random.randrange(self.vocab_size - 1)) % self.vocab_size
 
-    def __call__(self, embedding, state, target_kv: dict, position: int):
-        logits, state = self.drafter(embedding, state, target_kv, position)
+    def __call__(self, embedding, state, target_kv: dict, position: int, masks=None):
+        logits, state = self.drafter(embedding, state, target_kv, position, masks)
         token = self.proposal(position)
         chosen = mx.where(mx.arange(self.vocab_size) == token, CHOSEN_LOGIT, -CHOSEN_LOGIT)
         # `logits * 0` keeps the assistant's own work in the graph, so the draft is computed (and paid for).

@@ -14,6 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import FULL, SLIDING, TextConfig
+from .decode_step import CompiledSteps
 from .decoder import TextModel
 from .draft_policy import DraftPolicy
 from .errors import Gemma4Error
@@ -101,20 +102,35 @@ class Drafter(nn.Module):
         # What the adaptive draft length has learned with the target this drafter runs with (acceptance at each
         # draft position, round times): a chat's later turns start from it instead of exploring again.
         self.draft_policy = DraftPolicy()
+        # The compiled draft step (see __call__'s `masks`), traced again when the buffers change shape.
+        self.compiled_steps = CompiledSteps()
 
-    def __call__(self, token_embedding: mx.array, target_hidden: mx.array, target_kv: dict, position: int):
+    def __call__(self, token_embedding: mx.array, target_hidden: mx.array, target_kv: dict, position: int,
+                 masks: Optional[dict] = None):
         """One draft step: (logits, projected state) for the token after `token_embedding`, which sits at `position`.
 
         `target_kv` maps "full_attention" / "sliding_attention" to the target's (keys, values) of its last layer of
-        that kind, for every position before `position`."""
+        that kind, for every position before `position`, in order. With `masks` ({kind: which rows to see}) it holds
+        the target's whole buffers instead (a full layer's in position order, a sliding layer's ring, as
+        speculative.assistant_view hands them) and the step runs as one compiled function: the graph of a draft
+        step is not rebuilt in Python at every draft."""
         assert token_embedding.shape[1] == 1, "the assistant drafts from one position at a time"
-        # The reference's bidirectional masks, seen from one query: full layers see every stored key; sliding layers
-        # the keys within `sliding_window` of the newest (inclusive, so window + 1 of them).
-        recent = self.config.text_config.sliding_window + 1
-        visible = {FULL: target_kv[FULL], SLIDING: tuple(last_rows(rows, recent) for rows in target_kv[SLIDING])}
+        if masks is None:
+            # The reference's bidirectional masks, seen from one query: full layers see every stored key; sliding
+            # layers the keys within `sliding_window` of the newest (inclusive, so window + 1 of them).
+            recent = self.config.text_config.sliding_window + 1
+            visible = {FULL: target_kv[FULL], SLIDING: tuple(last_rows(rows, recent) for rows in target_kv[SLIDING])}
+            return self.step(token_embedding, target_hidden, visible, position, {FULL: None, SLIDING: None})
+        self.compiled_steps.drop_if_stale(self)
+        if "draft" not in self.compiled_steps.functions:
+            self.compiled_steps.functions["draft"] = mx.compile(self.step)
+        return self.compiled_steps.functions["draft"](token_embedding, target_hidden, target_kv,
+                                                      mx.array([position]), masks)
+
+    def step(self, token_embedding: mx.array, target_hidden: mx.array, visible: dict, position, masks: dict):
         h = self.pre_projection(mx.concatenate([token_embedding, target_hidden], axis=-1))
-        for layer in self.model.layers:
-            h = layer(h, None, None, position, visible)
+        for kind, layer in zip(self.config.text_config.layer_types, self.model.layers):
+            h = layer(h, masks[kind], None, position, visible)
         h = self.model.norm(h)
         return self.logits(h), self.post_projection(h)
 

@@ -28,10 +28,10 @@ from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_samp
 
 from .draft_policy import DraftPolicy
 from .errors import Gemma4Error
-from .decode_step import decode_step
+from .decode_step import decode_step, full_mask, sliding_mask
 from .decoding import (
     CLEAR_CACHE_EVERY, DEFAULT_PREFILL_STEP_SIZE, generation_stream, prefill, quantize_caches, sample_last)
-from .kv_cache import FullCache, WindowCache
+from .kv_cache import FullCache, WindowCache, row_count
 
 
 def store_caches(model, cache: list) -> dict:
@@ -138,13 +138,29 @@ class Round:
     hidden: mx.array
 
 
-def draft(drafter, embed, token: mx.array, hidden: mx.array, target_kv: dict, position: int, k: int, sampling_logprobs):
+def assistant_view(stores: dict, position: int) -> tuple:
+    """(buffers, masks) for a draft step at `position`: the store layers' whole buffers and, for each kind, the rows
+    the assistant sees: every position before `position` (full), the window + 1 latest of them (sliding: slot j of
+    a ring holds the latest position congruent to j)."""
+    buffers, masks = {}, {}
+    for kind, layer_cache in stores.items():
+        buffers[kind] = (layer_cache.keys, layer_cache.values)
+        rows = row_count(layer_cache.keys)
+        if isinstance(layer_cache, WindowCache):
+            masks[kind] = sliding_mask(mx.array([position - 1]), rows, layer_cache.window + 1)
+        else:
+            masks[kind] = full_mask(mx.array([position - 1]), rows)
+    return buffers, masks
+
+
+def draft(drafter, embed, token: mx.array, hidden: mx.array, stores: dict, position: int, k: int, sampling_logprobs):
     """k tokens chained from one position: each step feeds the drafter its own projected state and the target's
     embedding of the token it just proposed. Returns the tokens (each (1, 1)) and, when sampling, their
     distributions."""
+    buffers, masks = assistant_view(stores, position)
     current, state, tokens, distributions = token, hidden, [], []
     for _ in range(k):
-        logits, state = drafter(embed(current), state, target_kv, position)
+        logits, state = drafter(embed(current), state, buffers, position, masks)
         if sampling_logprobs is None:
             current = mx.argmax(logits[:, -1], axis=-1, keepdims=True)
         else:
@@ -217,8 +233,7 @@ def speculative_generate_step(
         if k == 0:
             return plain_round(token)
         with mx.stream(generation_stream):
-            target_kv = {kind: c.keys_and_values() for kind, c in stores.items()}
-            drafts, distributions = draft(drafter, embed, token, hidden, target_kv, cache[0].offset, k,
+            drafts, distributions = draft(drafter, embed, token, hidden, stores, cache[0].offset, k,
                                           sampling_logprobs)
             if drafts:
                 mx.async_eval(drafts)  # the assistant runs while the verify pass is being built

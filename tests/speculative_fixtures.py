@@ -83,7 +83,7 @@ class ScriptedDrafter:
         self.position, self.step = None, 0
         self.draft_policy = DraftPolicy()
 
-    def __call__(self, token_embedding, target_hidden, target_kv, position):
+    def __call__(self, token_embedding, target_hidden, target_kv, position, masks=None):
         if position != self.position:
             self.position, self.step = position, 0
         index = position + 1 + self.step

@@ -8,12 +8,15 @@ import torch
 
 from mlx_gemma4.drafter import load_drafter
 from mlx_gemma4.loading import load
-from mlx_gemma4.speculative import store_caches
+from mlx_gemma4.speculative import assistant_view, store_caches
 from reference_models import save_reference_checkpoint
 from speculative_fixtures import TARGET_HIDDEN, all_layers_reuse, save_reference_assistant
 
 TOLERANCE = 1e-4
 SLIDING_WINDOW = 6  # speculative_fixtures.assistant_text_config
+# The compiled step reads a ring in slot order where the reference reads it in position order: 0 measured on this
+# CPU (bench sums in the same order), but a backend may order the float32 sums differently. Ten times TOLERANCE.
+COMPILED_TOLERANCE = 1e-3
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["lm_head", "centroid_masked_head"])
@@ -85,3 +88,36 @@ def test_first_draft_from_our_target_matches_the_reference_pair(tmp_path, assist
     draft_logits, state = drafter(embed, our_hidden[:, -1:], target_kv, len(prompt))
     assert np.abs(np.array(draft_logits) - expected_logits).max() <= TOLERANCE
     assert np.abs(np.array(state) - expected_state).max() <= TOLERANCE
+
+
+def test_the_compiled_step_over_whole_buffers_drafts_as_the_step_over_rows_in_order(assistant, tmp_path):
+    """What the speculative loop hands the assistant (speculative.assistant_view: the store layers' whole buffers and
+    masks, one compiled step) against the rows in order (keys_and_values), as the rings wrap and rolled-back drafts
+    leave rows behind the offset: the same logits and state, up to the float sums' order. (Quantized buffers: the
+    speculative loop over an 8-bit cache in test_kv_quantization.py.)"""
+    _, drafter = assistant
+    vocab = drafter.config.text_config.vocab_size
+    save_reference_checkpoint(tmp_path, dict(num_kv_shared_layers=2, vocab_size=vocab), vision=False, audio=False,
+                              seed=4)
+    target, _ = load(tmp_path)
+    cache = target.make_cache()
+    _, hidden = target(mx.array([list(range(20, 20 + 3 * SLIDING_WINDOW))]), cache=cache, return_hidden=True)
+    stores = store_caches(target, cache)
+    embed = target.language_model.model.embed
+    worst, compared = 0.0, 0
+    for fed, rolled_back in [(5, 2), (2 * SLIDING_WINDOW + 3, 4), (1, 0), (9, 9), (3, 1)]:
+        target(mx.array([list(range(30, 30 + fed))]), cache=cache)
+        for layer_cache in cache:
+            layer_cache.trim(rolled_back)
+        position = cache[0].offset
+        token = embed(mx.array([[7 + position % 50]]))
+        in_order = {kind: layer_cache.keys_and_values() for kind, layer_cache in stores.items()}
+        expected = drafter(token, hidden[:, -1:], in_order, position)
+        buffers, masks = assistant_view(stores, position)
+        got = drafter(token, hidden[:, -1:], buffers, position, masks)
+        for ours, theirs in zip(got, expected):
+            worst = max(worst, mx.abs(ours - theirs).max().item())
+        compared += 1
+    assert compared == 5 and "draft" in drafter.compiled_steps.functions
+    print(f"worst difference, whole buffers against rows in order: {worst:.2e}")
+    assert worst < COMPILED_TOLERANCE

@@ -179,7 +179,7 @@ class FixedDistributionDrafter:
     def __init__(self, logits: mx.array):
         self.logits = logits
 
-    def __call__(self, token_embedding, target_hidden, target_kv, position):
+    def __call__(self, token_embedding, target_hidden, target_kv, position, masks=None):
         return self.logits, target_hidden
 
 
