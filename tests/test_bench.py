@@ -176,6 +176,10 @@ def test_results_say_which_code_made_them_and_whether_our_kernels_ran(results, m
     monkeypatch.setenv("MLX_GEMMA4_DECODE_ATTENTION", "0")
     assert environment()["decode_attention_kernel"] is False and environment()["fused_norms_kernel"] is True
     monkeypatch.setenv("MLX_GEMMA4_FUSED_NORMS", "0")
-    assert environment()["fused_norms_kernel"] is False
+    assert environment()["fused_norms_kernel"] is False and environment()["fused_gate_kernel"] is False  # matvec off
+    monkeypatch.setenv("MLX_GEMMA4_MATVEC", "1")
+    assert environment()["fused_gate_kernel"] is True
+    monkeypatch.setenv("MLX_GEMMA4_FUSED_GATE", "0")
+    assert environment()["fused_gate_kernel"] is False
     commit = results["environment"]["commit"]
     assert commit is None or len(commit.split("+")[0]) == 40
