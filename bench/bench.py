@@ -67,6 +67,8 @@ def parse_args(argv=None):
     parser.add_argument("--weights-dir", help="--random with --peers: write (and keep) the weights here")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--table-bits", default="4,8", help="--kernel-table: comma list of 4 and/or 8")
+    parser.add_argument("--table-layers", default="",
+                        help="--kernel-table: comma list of layer names to time (default: every 12B shape)")
     parser.add_argument("--no-matvec-kernel", action="store_true",
                         help="CUDA: our model's few-row products through MLX's kernels, not ours (MLX_GEMMA4_MATVEC=0)")
     parser.add_argument("--no-attention-kernel", action="store_true",
@@ -340,12 +342,27 @@ def main(argv=None):
     print(markdown(results))
 
 
+def table_layers(args):
+    """--table-layers as a set of SHAPES_12B names (None: all); an unknown name is an error, not an empty table."""
+    from matvec_table import SHAPES_12B
+
+    if not args.table_layers:
+        return None
+    names = {name.strip() for name in args.table_layers.split(",") if name.strip()}
+    unknown = names - {name for name, _, _ in SHAPES_12B}
+    if unknown:
+        raise Gemma4Error(f"unknown --table-layers {', '.join(sorted(unknown))}; "
+                          f"choose from {', '.join(name for name, _, _ in SHAPES_12B)}")
+    return names
+
+
 def run_kernel_table(args, machine: dict):
     from matvec_table import kernel_table, markdown_table
 
     results = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
                "machine": machine, "environment": environment(),
-               "kernel_table": kernel_table(int_list(args.table_bits), machine["bandwidth_gbps"], log)}
+               "kernel_table": kernel_table(int_list(args.table_bits), machine["bandwidth_gbps"], log,
+                                            table_layers(args))}
     bench_save = Path(args.json) if args.json else None
     if bench_save:
         write_json(results, bench_save)

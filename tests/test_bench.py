@@ -183,3 +183,16 @@ def test_results_say_which_code_made_them_and_whether_our_kernels_ran(results, m
     assert environment()["fused_gate_kernel"] is False
     commit = results["environment"]["commit"]
     assert commit is None or len(commit.split("+")[0]) == 40
+
+
+def test_kernel_table_takes_a_subset_of_layers_and_refuses_unknown_names():
+    from matvec_table import GATED_DOWN, SHAPES_12B
+
+    from mlx_gemma4.errors import Gemma4Error
+
+    args = bench.parse_args(["--kernel-table", "--table-layers", f"gate+up,{GATED_DOWN}"])
+    assert bench.table_layers(args) == {"gate+up", GATED_DOWN}
+    assert bench.table_layers(bench.parse_args(["--kernel-table"])) is None
+    assert GATED_DOWN in {name for name, _, _ in SHAPES_12B}
+    with pytest.raises(Gemma4Error, match="unknown --table-layers mlp; choose from q "):
+        bench.main(["--kernel-table", "--table-layers", "gate+up,mlp"])
