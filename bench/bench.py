@@ -77,9 +77,6 @@ def parse_args(argv=None):
     parser.add_argument("--no-fused-norms", action="store_true",
                         help="CUDA: our decoding steps' norms, residual sums and rotations through MLX operations, not "
                              "our kernels (MLX_GEMMA4_FUSED_NORMS=0)")
-    parser.add_argument("--no-fused-gate", action="store_true",
-                        help="CUDA: our MLPs' gating as its own MLX operation, not inside the down projection's kernel "
-                             "(MLX_GEMMA4_FUSED_GATE=0)")
     parser.add_argument("--skip-ours", action="store_true",
                         help="run the peers only, e.g. to give their long-context runs a call of their own")
     return parser.parse_args(argv)
@@ -308,8 +305,6 @@ def main(argv=None):
         os.environ[decode_attention.SWITCH] = "0"
     if args.no_fused_norms:
         os.environ[fused_norms.SWITCH] = "0"
-    if args.no_fused_gate:
-        os.environ[quantized_matvec.GATE_SWITCH] = "0"
     machine = machine_bandwidth(args.bandwidth)
     if args.kernel_table:
         return run_kernel_table(args, machine)

@@ -15,7 +15,6 @@ import mlx.core as mx
 
 from mlx_gemma4.quantized_matvec import few_row_matmul
 
-GATED_DOWN = "down (gated)"
 # (name, output rows, input dims) of every quantized linear layer of the 12B, and the tied output head.
 SHAPES_12B = [
     ("q (sliding)", 4096, 3840), ("k/v (sliding)", 2048, 3840), ("q (full)", 8192, 3840), ("k (full)", 512, 3840),
@@ -23,8 +22,6 @@ SHAPES_12B = [
     ("lm head", 262144, 3840),
     # as loading fuses them: q, k and v of a sliding layer, q and k (= v) of a full one
     ("qkv (sliding)", 8192, 3840), ("qk (full)", 8704, 3840),
-    # as decoding runs it: x is [gate | up], gated as our kernel loads it (the mlx column: a plain K-wide product)
-    (GATED_DOWN, 3840, 15360),
 ]
 ROWS = (1, 2, 4, 8, 16)
 GROUP_SIZE = 64
@@ -48,9 +45,9 @@ def weight_copies(output_rows: int, input_dims: int, bits: int) -> list:
     return made
 
 
-def product_bytes(output_rows: int, input_dims: int, bits: int, rows: int, gated: bool = False) -> int:
+def product_bytes(output_rows: int, input_dims: int, bits: int, rows: int) -> int:
     weights = output_rows * input_dims * bits // 8 + 2 * output_rows * (input_dims // GROUP_SIZE) * 2
-    return weights + rows * ((2 if gated else 1) * input_dims + output_rows) * 2
+    return weights + rows * (input_dims + output_rows) * 2
 
 
 def time_product(product, x, copies: list) -> float:
@@ -74,24 +71,21 @@ def kernel_table(bits_list=(4, 8), bandwidth_gbps: float = 4800.0, log=print, la
     """Rows of the table for every shape of SHAPES_12B, or those named in `layers`."""
     rows_out = []
     for bits in bits_list:
+        def ours(x, w, s, b):
+            return few_row_matmul(x, w, s, b, GROUP_SIZE, bits)
+
+        def mlx(x, w, s, b):
+            return mx.quantized_matmul(x, w, s, b, transpose=True, group_size=GROUP_SIZE, bits=bits)
+
         for name, output_rows, input_dims in SHAPES_12B:
             if layers is not None and name not in layers:
                 continue
-            gated = name == GATED_DOWN
-
-            def ours(x, w, s, b, gated=gated):
-                return few_row_matmul(x, w, s, b, GROUP_SIZE, bits, gated=gated)
-
-            def mlx(x, w, s, b):
-                return mx.quantized_matmul(x[:, :input_dims], w, s, b, transpose=True, group_size=GROUP_SIZE,
-                                           bits=bits)
-
             copies = weight_copies(output_rows, input_dims, bits)
             for rows in ROWS:
-                x = mx.random.normal((rows, (2 if gated else 1) * input_dims)).astype(mx.bfloat16)
+                x = mx.random.normal((rows, input_dims)).astype(mx.bfloat16)
                 mx.eval(ours(x, *copies[0]), mlx(x, *copies[0]))  # compile both
                 entry = {"layer": name, "shape": [output_rows, input_dims], "bits": bits, "rows": rows,
-                         "bytes": product_bytes(output_rows, input_dims, bits, rows, gated)}
+                         "bytes": product_bytes(output_rows, input_dims, bits, rows)}
                 for label, product in (("ours", ours), ("mlx", mlx)):
                     seconds = time_product(product, x, copies)
                     entry[f"{label}_us"] = seconds * 1e6

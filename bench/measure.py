@@ -110,9 +110,7 @@ def environment() -> dict:
             "platform": sys.platform, "cpu_count": os.cpu_count(), "commit": source_commit(),
             "few_row_kernel": on_cuda and cuda_backend.switched_on(quantized_matvec.SWITCH),
             "decode_attention_kernel": on_cuda and cuda_backend.switched_on(decode_attention.SWITCH),
-            "fused_norms_kernel": on_cuda and cuda_backend.switched_on(fused_norms.SWITCH),
-            "fused_gate_kernel": on_cuda and cuda_backend.switched_on(quantized_matvec.SWITCH)
-            and cuda_backend.switched_on(quantized_matvec.GATE_SWITCH)}
+            "fused_norms_kernel": on_cuda and cuda_backend.switched_on(fused_norms.SWITCH)}
 
 
 def source_commit():

@@ -17,7 +17,6 @@ from .fused_norms import (heads_use_kernel, normalized_heads, query_key_value, r
                           scaled_residual_then_norm)
 from .kv_cache import FullCache, KVQuantization, WindowCache
 from .memory_bound import pace
-from .quantized_layers import QuantizedLinear
 
 # A ring's slots beyond the window: the key the MTP assistant reads one past the window, and a whole verify pass (the
 # drafts and the token before them) to roll back.
@@ -173,9 +172,6 @@ class MLP(nn.Module):
         self.gated = gated_activation(config.hidden_activation)
 
     def __call__(self, x):
-        if "gate_up" in self and self.gated is gelu_tanh_gate and isinstance(self.down_proj, QuantizedLinear):
-            # The gating happens inside the down projection's product where its kernel runs (one launch fewer).
-            return self.down_proj.after_tanh_gate(self.gate_up(x), self.gated)
         if "gate_up" in self:
             gate, up = mx.split(self.gate_up(x), [self.gate_rows], axis=-1)
         else:

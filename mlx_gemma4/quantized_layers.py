@@ -6,20 +6,13 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
-from .quantized_matvec import quantized_matmul, tanh_gated_matmul
+from .quantized_matvec import quantized_matmul
 
 
 class QuantizedLinear(nn.QuantizedLinear):
     def __call__(self, x: mx.array) -> mx.array:
         out = quantized_matmul(x, self["weight"], self["scales"], self.get("biases"), self.group_size, self.bits,
                                self.mode)
-        return out + self["bias"] if "bias" in self else out
-
-    def after_tanh_gate(self, gate_and_up: mx.array, tanh_gate) -> mx.array:
-        """The layer applied to tanh_gate(gate, up) = gelu_tanh(gate) * up, from [gate | up] (an MLP's stacked input
-        projection)."""
-        out = tanh_gated_matmul(gate_and_up, self["weight"], self["scales"], self.get("biases"), self.group_size,
-                                self.bits, self.mode, tanh_gate)
         return out + self["bias"] if "bias" in self else out
 
 

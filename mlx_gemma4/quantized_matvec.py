@@ -34,8 +34,6 @@ from .cuda_source import COMMON_HEADER, compact
 # 8.34 ms with its first version against 10.77 ms without, kernel on and off in turns
 # (bench/results/h200-matvec-decode-ab.json).
 SWITCH = "MLX_GEMMA4_MATVEC"
-# "0" keeps an MLP's gating out of the kernel (tanh_gated_matmul), for A/B runs.
-GATE_SWITCH = "MLX_GEMMA4_FUSED_GATE"
 MAX_ROWS = 16  # rows of x one pass takes: two 8-column tiles of the tensor-core product
 SUPPORTED_BITS = (4, 8)
 SUPPORTED_GROUPS = (32, 64, 128)
@@ -114,53 +112,10 @@ __device__ __forceinline__ uint32_t byte_pair(uint32_t w, int i, int j) {
   }
 }
 
-
-// x's values at [k, k + 8) (at [k, k + 4) for x_four), as 16-bit pairs: straight from x, or, GATED, computed from the
-// [gate | up] rows the stacked gate and up projection made: gelu_tanh(gate) * up, in float, rounded once.
-__device__ __forceinline__ float gelu_tanh(float v) {
-  return 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
-}
-template <bool BF16>
-__device__ __forceinline__ uint32_t gated_pair(uint32_t gate, uint32_t up) {
-  if constexpr (BF16) {
-    const __nv_bfloat162 g = *reinterpret_cast<__nv_bfloat162*>(&gate), u = *reinterpret_cast<__nv_bfloat162*>(&up);
-    __nv_bfloat162 r = __floats2bfloat162_rn(gelu_tanh(__low2float(g)) * __low2float(u),
-                                              gelu_tanh(__high2float(g)) * __high2float(u));
-    return *reinterpret_cast<uint32_t*>(&r);
-  } else {
-    const __half2 g = *reinterpret_cast<__half2*>(&gate), u = *reinterpret_cast<__half2*>(&up);
-    __half2 r = __floats2half2_rn(gelu_tanh(__low2float(g)) * __low2float(u),
-                                  gelu_tanh(__high2float(g)) * __high2float(u));
-    return *reinterpret_cast<uint32_t*>(&r);
-  }
-}
-template <bool GATED, bool BF16, int K, typename T>
-__device__ __forceinline__ uint4 x_eight(const T* x, int m, int k) {
-  if constexpr (GATED) {
-    const uint4 g = __ldg(reinterpret_cast<const uint4*>(x + (size_t)m * 2 * K + k));
-    const uint4 u = __ldg(reinterpret_cast<const uint4*>(x + (size_t)m * 2 * K + K + k));
-    return make_uint4(gated_pair<BF16>(g.x, u.x), gated_pair<BF16>(g.y, u.y), gated_pair<BF16>(g.z, u.z),
-                      gated_pair<BF16>(g.w, u.w));
-  } else {
-    return __ldg(reinterpret_cast<const uint4*>(x + (size_t)m * K + k));
-  }
-}
-template <bool GATED, bool BF16, int K, typename T>
-__device__ __forceinline__ uint2 x_four(const T* x, int m, int k) {
-  if constexpr (GATED) {
-    const uint2 g = __ldg(reinterpret_cast<const uint2*>(x + (size_t)m * 2 * K + k));
-    const uint2 u = __ldg(reinterpret_cast<const uint2*>(x + (size_t)m * 2 * K + K + k));
-    return make_uint2(gated_pair<BF16>(g.x, u.x), gated_pair<BF16>(g.y, u.y));
-  } else {
-    return __ldg(reinterpret_cast<const uint2*>(x + (size_t)m * K + k));
-  }
-}
-
 """
 
 # Template ints: BITS, GROUP, N (output rows), K, RT (16-row tiles per warp), KSPLIT (warps per block, splitting K),
-# STAGES (chunks of weights in each warp's ring in shared memory), NT (8-column tiles of x rows), X_BF16, GATED (x is
-# the [gate | up] rows, 2 K wide, and the product is gelu_tanh(gate) * up times W^T).
+# STAGES (chunks of weights in each warp's ring in shared memory), NT (8-column tiles of x rows), X_BF16.
 SOURCE = r"""
   // A chunk is what a quad of lanes (t = lane % 4) multiplies from one weight row at once: four consecutive pieces
   // of LOAD_WORDS words, piece t to lane t, spanning one quantization group (half of one, for 8 bits in groups of
@@ -265,7 +220,7 @@ SOURCE = r"""
         #pragma unroll
         for (int n = 0; n < NT; ++n) {
           const int m = n * 8 + g;
-          xs[n] = m < M ? x_eight<GATED, X_BF16, K>(x, m, k) : make_uint4(0, 0, 0, 0);
+          xs[n] = m < M ? __ldg(reinterpret_cast<const uint4*>(x + (size_t)m * K + k)) : make_uint4(0, 0, 0, 0);
         }
         #pragma unroll
         for (int step = 0; step < 2; ++step) {
@@ -293,7 +248,7 @@ SOURCE = r"""
         #pragma unroll
         for (int n = 0; n < NT; ++n) {
           const int m = n * 8 + g;
-          const uint2 xv = m < M ? x_four<GATED, X_BF16, K>(x, m, k) : make_uint2(0, 0);
+          const uint2 xv = m < M ? __ldg(reinterpret_cast<const uint2*>(x + (size_t)m * K + k)) : make_uint2(0, 0);
           b0[n] = xv.x;
           b1[n] = xv.y;
         }
@@ -380,27 +335,22 @@ def launch_plan(output_rows: int, input_dims: int, bits: int, group_size: int, r
             "blocks": blocks, "shared_bytes": shared_bytes}
 
 
-def uses_kernel(x: mx.array, w: mx.array, scales: mx.array, biases, group_size: int, bits: int, mode: str,
-                gated: bool = False) -> bool:
+def uses_kernel(x: mx.array, w: mx.array, scales: mx.array, biases, group_size: int, bits: int, mode: str) -> bool:
     """The rule: the CUDA backend, the switch not off, MLX's affine format at 4 or 8 bits and group 32/64/128, bfloat16
-    or float16 activations, at most MAX_ROWS rows of x. `gated`: x is [gate | up] (tanh_gated_matmul), which also
-    needs GATE_SWITCH on."""
-    if not (switched_on(SWITCH) and cuda_backend()) or (gated and not switched_on(GATE_SWITCH)):
+    or float16 activations, at most MAX_ROWS rows of x."""
+    if not (switched_on(SWITCH) and cuda_backend()):
         return False
     if mode != "affine" or biases is None or bits not in SUPPORTED_BITS or group_size not in SUPPORTED_GROUPS:
         return False
     if x.dtype not in ACTIVATION_DTYPES or scales.dtype not in FLOAT_DTYPES or w.ndim != 2 or x.ndim < 1:
         return False
     input_dims = w.shape[1] * 32 // bits
-    width = (2 if gated else 1) * input_dims
-    return x.shape[-1] == width and input_dims % group_size == 0 and math.prod(x.shape[:-1]) <= MAX_ROWS
+    return x.shape[-1] == input_dims and input_dims % group_size == 0 and math.prod(x.shape[:-1]) <= MAX_ROWS
 
 
-def few_row_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int,
-                   gated: bool = False):
-    output_rows, width = w.shape[0], x.shape[-1]
-    input_dims = width // 2 if gated else width
-    rows = x.reshape(-1, width)
+def few_row_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int):
+    output_rows, input_dims = w.shape[0], x.shape[-1]
+    rows = x.reshape(-1, input_dims)
     plan = launch_plan(output_rows, input_dims, bits, group_size, rows.shape[0])
     threads = 32 * plan["KSPLIT"]
     out_dtype = result_dtype(x.dtype, scales.dtype)
@@ -409,7 +359,7 @@ def few_row_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array,
         template=[("BITS", bits), ("GROUP", group_size), ("N", output_rows), ("K", input_dims),
                   ("RT", plan["RT"]), ("KSPLIT", plan["KSPLIT"]),
                   ("STAGES", plan["STAGES"]), ("NT", plan["NT"]),
-                  ("X_BF16", x.dtype == mx.bfloat16), ("GATED", gated)],
+                  ("X_BF16", x.dtype == mx.bfloat16)],
         grid=(plan["blocks"] * threads, 1, 1),
         threadgroup=(threads, 1, 1),
         output_shapes=[(rows.shape[0], output_rows)],
@@ -424,17 +374,6 @@ def quantized_matmul(x, w, scales, biases, group_size: int, bits: int, mode: str
         return few_row_matmul(x, w, scales, biases, group_size, bits)
     return mx.quantized_matmul(x, w, scales=scales, biases=biases, transpose=True, group_size=group_size, bits=bits,
                                mode=mode)
-
-
-def tanh_gated_matmul(gate_and_up, w, scales, biases, group_size: int, bits: int, mode: str, tanh_gate):
-    """tanh_gate(gate, up) @ dequantize(W)^T for `gate_and_up` = [gate | up], the stacked gate and up projection's
-    output, and `tanh_gate` the MLP's gelu_tanh(gate) * up (an MLP's down projection): on the kernel, gated as it
-    loads x, so that the gated rows are never written out and the step launches one kernel fewer; through
-    `tanh_gate` and the plain product otherwise."""
-    if uses_kernel(gate_and_up, w, scales, biases, group_size, bits, mode, gated=True):
-        return few_row_matmul(gate_and_up, w, scales, biases, group_size, bits, gated=True)
-    gate, up = mx.split(gate_and_up, 2, axis=-1)
-    return quantized_matmul(tanh_gate(gate, up), w, scales, biases, group_size, bits, mode)
 
 
 def reference_quantized_matmul(x, w, scales, biases, group_size: int, bits: int):

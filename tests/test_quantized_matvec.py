@@ -9,9 +9,7 @@ import pytest
 
 from mlx_gemma4 import quantized_matvec
 from mlx_gemma4.quantized_layers import QuantizedEmbedding, QuantizedLinear, use_few_row_products
-from mlx_gemma4.decoder import MLP
-from mlx_gemma4.quantized_matvec import (GATE_SWITCH, MAX_ROWS, SWITCH, few_row_matmul, reference_quantized_matmul,
-                                         uses_kernel)
+from mlx_gemma4.quantized_matvec import MAX_ROWS, SWITCH, few_row_matmul, reference_quantized_matmul, uses_kernel
 
 CUDA = mx.cuda.is_available()
 
@@ -31,11 +29,8 @@ def on_cuda(monkeypatch):
     """The rule as it runs on a CUDA machine, with the kernel replaced by MLX's product and its calls counted."""
     calls = []
 
-    def counted(x, w, scales, biases, group_size, bits, gated=False):
-        calls.append((x.shape, gated))
-        if gated:
-            gate, up = mx.split(x, 2, axis=-1)
-            x = nn.gelu_approx(gate) * up
+    def counted(x, w, scales, biases, group_size, bits):
+        calls.append(x.shape)
         return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits)
 
     monkeypatch.setattr(quantized_matvec, "cuda_backend", lambda: True)
@@ -89,37 +84,7 @@ def test_every_quantized_linear_layer_and_the_tied_head_take_the_kernel_for_a_de
     assert type(model.language_model.model.embed_tokens) is QuantizedEmbedding
     mx.eval(model(mx.array([[5]])))
     assert len(on_cuda) == len(layers) + 1  # every layer once, plus the tied head
-    assert all(shape[0] == 1 for shape, _ in on_cuda)
-    # Each MLP's down projection gates [gate | up] as it loads it.
-    mlps = [m for _, m in model.language_model.named_modules() if isinstance(m, MLP)]
-    gated = [shape for shape, gated in on_cuda if gated]
-    assert len(gated) == len(mlps) and all(shape[-1] == m.gate_up.weight.shape[0] for shape, m in zip(gated, mlps))
-
-
-def test_the_gated_product_needs_its_own_switch_and_a_gate_up_wide_x(on_cuda, monkeypatch):
-    w, scales, biases = quantized(32, 256, 4, 64)
-    assert uses_kernel(rows_of_x(3, 512), w, scales, biases, 64, 4, "affine", gated=True)
-    assert not uses_kernel(rows_of_x(3, 256), w, scales, biases, 64, 4, "affine", gated=True)
-    assert not uses_kernel(rows_of_x(3, 512), w, scales, biases, 64, 4, "affine")
-    monkeypatch.setenv(GATE_SWITCH, "0")
-    assert not uses_kernel(rows_of_x(3, 512), w, scales, biases, 64, 4, "affine", gated=True)
-    assert uses_kernel(rows_of_x(3, 256), w, scales, biases, 64, 4, "affine")
-
-
-def test_a_decode_step_gated_in_the_product_computes_what_the_plain_mlp_does(on_cuda, monkeypatch):
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    from random_model import build_random_model
-
-    model, _ = build_random_model("tiny", 4)
-    fused = model(mx.array([[5]]))
-    monkeypatch.setenv(GATE_SWITCH, "0")
-    plain = model(mx.array([[5]]))
-    assert any(gated for _, gated in on_cuda) and not all(gated for _, gated in on_cuda)
-    # The stand-in kernel gates with MLX's uncompiled operations; the MLP's compiled gate may round differently.
-    assert relative_error(fused, plain) < 1e-2
+    assert all(shape[0] == 1 for shape in on_cuda)
 
 
 def test_swapped_layers_compute_what_mlx_layers_compute_on_the_cpu():
@@ -176,42 +141,6 @@ def test_each_row_is_bit_for_bit_its_one_row_product(bits, group_size, output_ro
     alone = [few_row_matmul(x[i:i + 1], w, scales, biases, group_size, bits) for i in range(MAX_ROWS)]
     for rows in (2, 5, 8, 9, 16):
         together = few_row_matmul(x[:rows], w, scales, biases, group_size, bits)
-        for i in range(rows):
-            assert mx.array_equal(together[i:i + 1], alone[i]), (rows, i)
-
-
-def reference_tanh_gated(gate_and_up, w, scales, biases, group_size, bits):
-    """The gated product in float32 on the CPU, the gated rows rounded to x's dtype as the kernel rounds them."""
-    with mx.stream(mx.cpu):
-        gate, up = mx.split(gate_and_up.astype(mx.float32), 2, axis=-1)
-        gated = (nn.gelu_approx(gate) * up).astype(gate_and_up.dtype)
-        return reference_quantized_matmul(gated, w, scales, biases, group_size, bits), gated
-
-
-@gpu
-@pytest.mark.parametrize("bits,group_size", FORMATS)
-@pytest.mark.parametrize("shape,x_dtype,scale_dtype", CASES)
-def test_gated_kernel_matches_gating_then_the_dequantized_product(bits, group_size, shape, x_dtype, scale_dtype):
-    w, scales, biases = quantized(*shape, bits, group_size, scale_dtype)
-    for rows in (1, 3, 16):
-        gate_and_up = rows_of_x(rows, 2 * shape[1], x_dtype, seed=rows)
-        out = few_row_matmul(gate_and_up, w, scales, biases, group_size, bits, gated=True)
-        reference, gated = reference_tanh_gated(gate_and_up, w, scales, biases, group_size, bits)
-        assert out.dtype == reference.dtype and out.shape == reference.shape
-        assert relative_error(out, reference) < 2e-3
-        # Gated first by MLX's operations on the GPU, then the same kernel: only the gating's rounding differs.
-        unfused = few_row_matmul(gated, w, scales, biases, group_size, bits)
-        assert relative_error(out, unfused) < 1e-2
-
-
-@gpu
-@pytest.mark.parametrize("bits,group_size", [(4, 64), (8, 32)])
-def test_gated_rows_are_bit_for_bit_their_one_row_products(bits, group_size):
-    w, scales, biases = quantized(1000, 3840, bits, group_size)
-    x = rows_of_x(MAX_ROWS, 2 * 3840)
-    alone = [few_row_matmul(x[i:i + 1], w, scales, biases, group_size, bits, gated=True) for i in range(MAX_ROWS)]
-    for rows in (4, 9, 16):
-        together = few_row_matmul(x[:rows], w, scales, biases, group_size, bits, gated=True)
         for i in range(rows):
             assert mx.array_equal(together[i:i + 1], alone[i]), (rows, i)
 
