@@ -1,7 +1,8 @@
 """MTP speculative decoding in the benchmark: the measured run, and the cost model that predicts it.
 
 Cost model: after a prefill, time one target pass over 1..9 new tokens (a verify pass of K drafts covers K + 1) and
-one assistant step, each relative to a one-token target pass. With acceptance a per draft token (independent), a
+one assistant step, each relative to a one-token target pass, each as the speculative loop runs it (the compiled
+decoding step, the compiled draft step over the target's buffers). With acceptance a per draft token (independent), a
 round of K drafts emits (1 - a^(K+1)) / (1 - a) tokens for K assistant steps and one (K + 1)-token target pass, so
 the speedup over plain decoding is that count divided by K * draft + target(K + 1).
 """
@@ -42,17 +43,19 @@ def median_seconds(call) -> float:
 
 def cost_model(model, drafter, prompt: list) -> dict:
     """Relative costs at the depth of `prompt`, and the speedups they imply per acceptance rate."""
-    from mlx_gemma4.speculative import store_caches
+    from mlx_gemma4.decode_step import decode_step
+    from mlx_gemma4.speculative import assistant_view, store_caches
 
     cache = model.make_cache()
     for start in range(0, len(prompt), PREFILL_STEP_SIZE):
         model(mx.array(prompt[start:start + PREFILL_STEP_SIZE])[None], cache=cache)
         mx.eval([c.state for c in cache])
     tokens = mx.array(prompt[:MAX_VERIFY_TOKENS])[None]
+    step = decode_step(model, cache)
 
     def target_pass(count: int):
         def call():
-            logits = model(tokens[:, :count], cache=cache)
+            logits = step(tokens[:, :count])
             mx.eval(logits)
             for layer_cache in cache:
                 layer_cache.trim(count)
@@ -65,10 +68,10 @@ def cost_model(model, drafter, prompt: list) -> dict:
     draft = None
     if drafter is not None:
         hidden_size = model.config.text_config.hidden_size
-        target_kv = {kind: c.keys_and_values() for kind, c in store_caches(model, cache).items()}
+        buffers, masks = assistant_view(store_caches(model, cache), len(prompt))
         embedding = model.language_model.model.embed(tokens[:, :1])
         state = mx.zeros((1, 1, hidden_size), dtype=embedding.dtype)
-        draft_seconds = median_seconds(lambda: drafter(embedding, state, target_kv, len(prompt))[0])
+        draft_seconds = median_seconds(lambda: drafter(embedding, state, buffers, len(prompt), masks)[0])
         draft = draft_seconds / target[0]
         result.update(draft_step_seconds=draft_seconds, relative_draft_cost=draft)
     result["implied_speedup"] = implied_speedups(result["relative_target_cost"], draft or 0.0)
