@@ -142,7 +142,8 @@ SOURCE = r"""
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const int M = x_shape[0];
+  int M = 1;  // rows of x: x as it comes, every dimension but the last (no reshape around the launch)
+  for (int i = 0; i + 1 < x_ndim; ++i) M *= x_shape[i];
   const int row0 = blockIdx.x * ROWS;
   const uint32_t ones_a[4] = {ONES, ONES, ONES, ONES};
   const uint32_t* scale_words = reinterpret_cast<const uint32_t*>(scales);
@@ -350,22 +351,22 @@ def uses_kernel(x: mx.array, w: mx.array, scales: mx.array, biases, group_size: 
 
 def few_row_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int):
     output_rows, input_dims = w.shape[0], x.shape[-1]
-    rows = x.reshape(-1, input_dims)
-    plan = launch_plan(output_rows, input_dims, bits, group_size, rows.shape[0])
+    # x goes in as it is: a reshape on each side would be two more nodes of the decoding step's graph per product.
+    plan = launch_plan(output_rows, input_dims, bits, group_size, math.prod(x.shape[:-1]))
     threads = 32 * plan["KSPLIT"]
     out_dtype = result_dtype(x.dtype, scales.dtype)
     (out,) = few_row_kernel(plan["shared_bytes"])(
-        inputs=[rows, w, scales, biases],
+        inputs=[x, w, scales, biases],
         template=[("BITS", bits), ("GROUP", group_size), ("N", output_rows), ("K", input_dims),
                   ("RT", plan["RT"]), ("KSPLIT", plan["KSPLIT"]),
                   ("STAGES", plan["STAGES"]), ("NT", plan["NT"]),
                   ("X_BF16", x.dtype == mx.bfloat16)],
         grid=(plan["blocks"] * threads, 1, 1),
         threadgroup=(threads, 1, 1),
-        output_shapes=[(rows.shape[0], output_rows)],
+        output_shapes=[(*x.shape[:-1], output_rows)],
         output_dtypes=[out_dtype],
     )
-    return out.reshape(*x.shape[:-1], output_rows)
+    return out
 
 
 def quantized_matmul(x, w, scales, biases, group_size: int, bits: int, mode: str = "affine"):

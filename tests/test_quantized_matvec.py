@@ -146,6 +146,17 @@ def test_each_row_is_bit_for_bit_its_one_row_product(bits, group_size, output_ro
 
 
 @gpu
+def test_leading_dimensions_of_x_are_its_rows(bits=4, group_size=64):
+    w, scales, biases = quantized(256, 768, bits, group_size)
+    x = rows_of_x(6, 768)
+    flat = few_row_matmul(x, w, scales, biases, group_size, bits)
+    shaped = few_row_matmul(x.reshape(1, 2, 3, 768), w, scales, biases, group_size, bits)
+    assert shaped.shape == (1, 2, 3, 256) and mx.array_equal(shaped.reshape(6, 256), flat)
+    one = few_row_matmul(x[0], w, scales, biases, group_size, bits)
+    assert one.shape == (256,) and mx.array_equal(one, flat[0])
+
+
+@gpu
 def test_kernel_runs_inside_a_compiled_function(monkeypatch):
     monkeypatch.setenv(SWITCH, "1")
     w, scales, biases = quantized(512, 1024, 4, 64)
