@@ -15,6 +15,7 @@ import mlx.core as mx
 
 from mlx_gemma4.quantized_matvec import few_row_matmul
 
+GATED_GATE_UP = "gate+up (gated)"
 # (name, output rows, input dims) of every quantized linear layer of the 12B, and the tied output head.
 SHAPES_12B = [
     ("q (sliding)", 4096, 3840), ("k/v (sliding)", 2048, 3840), ("q (full)", 8192, 3840), ("k (full)", 512, 3840),
@@ -22,6 +23,8 @@ SHAPES_12B = [
     ("lm head", 262144, 3840),
     # as loading fuses them: q, k and v of a sliding layer, q and k (= v) of a full one
     ("qkv (sliding)", 8192, 3840), ("qk (full)", 8704, 3840),
+    # as decoding runs it: gelu_tanh(gate) * up in our kernel's last step (mx.quantized_matmul's row: ungated)
+    (GATED_GATE_UP, 30720, 3840),
 ]
 ROWS = (1, 2, 4, 8, 16)
 GROUP_SIZE = 64
@@ -71,15 +74,15 @@ def kernel_table(bits_list=(4, 8), bandwidth_gbps: float = 4800.0, log=print, la
     """Rows of the table for every shape of SHAPES_12B, or those named in `layers`."""
     rows_out = []
     for bits in bits_list:
-        def ours(x, w, s, b):
-            return few_row_matmul(x, w, s, b, GROUP_SIZE, bits)
-
         def mlx(x, w, s, b):
             return mx.quantized_matmul(x, w, s, b, transpose=True, group_size=GROUP_SIZE, bits=bits)
 
         for name, output_rows, input_dims in SHAPES_12B:
             if layers is not None and name not in layers:
                 continue
+
+            def ours(x, w, s, b, gated=name == GATED_GATE_UP):
+                return few_row_matmul(x, w, s, b, GROUP_SIZE, bits, gated=gated)
             copies = weight_copies(output_rows, input_dims, bits)
             for rows in ROWS:
                 x = mx.random.normal((rows, input_dims)).astype(mx.bfloat16)

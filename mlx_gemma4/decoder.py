@@ -17,6 +17,7 @@ from .fused_norms import (heads_use_kernel, normalized_heads, query_key_value, r
                           scaled_residual_then_norm)
 from .kv_cache import FullCache, KVQuantization, WindowCache
 from .memory_bound import pace
+from .quantized_layers import QuantizedLinear
 
 # A ring's slots beyond the window: the key the MTP assistant reads one past the window, and a whole verify pass (the
 # drafts and the token before them) to roll back.
@@ -172,6 +173,9 @@ class MLP(nn.Module):
         self.gated = gated_activation(config.hidden_activation)
 
     def __call__(self, x):
+        if "gate_up" in self and self.gated is gelu_tanh_gate and isinstance(self.gate_up, QuantizedLinear):
+            # Gated in the stacked product's kernel where it runs: one launch a layer fewer.
+            return self.down_proj(self.gate_up.tanh_gated(x, self.gated))
         if "gate_up" in self:
             gate, up = mx.split(self.gate_up(x), [self.gate_rows], axis=-1)
         else:

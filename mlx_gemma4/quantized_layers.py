@@ -6,7 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
-from .quantized_matvec import quantized_matmul
+from .quantized_matvec import gated_quantized_matmul, quantized_matmul
 
 
 class QuantizedLinear(nn.QuantizedLinear):
@@ -14,6 +14,14 @@ class QuantizedLinear(nn.QuantizedLinear):
         out = quantized_matmul(x, self["weight"], self["scales"], self.get("biases"), self.group_size, self.bits,
                                self.mode)
         return out + self["bias"] if "bias" in self else out
+
+    def tanh_gated(self, x: mx.array, tanh_gate) -> mx.array:
+        """tanh_gate(gate, up) = gelu_tanh(gate) * up for [gate | up] = the layer's output (a stacked gate and up
+        projection)."""
+        if "bias" in self:
+            return tanh_gate(*mx.split(self(x), 2, axis=-1))
+        return gated_quantized_matmul(x, self["weight"], self["scales"], self.get("biases"), self.group_size,
+                                      self.bits, self.mode, tanh_gate)
 
 
 class QuantizedEmbedding(nn.QuantizedEmbedding):

@@ -34,6 +34,8 @@ from .cuda_source import COMMON_HEADER, compact
 # 8.34 ms with its first version against 10.77 ms without, kernel on and off in turns
 # (bench/results/h200-matvec-decode-ab.json).
 SWITCH = "MLX_GEMMA4_MATVEC"
+# "0" keeps an MLP's gating out of the stacked gate and up product's kernel (gated_quantized_matmul), for A/B runs.
+GATE_SWITCH = "MLX_GEMMA4_GATED_PRODUCT"
 MAX_ROWS = 16  # rows of x one pass takes: two 8-column tiles of the tensor-core product
 SUPPORTED_BITS = (4, 8)
 SUPPORTED_GROUPS = (32, 64, 128)
@@ -112,10 +114,22 @@ __device__ __forceinline__ uint32_t byte_pair(uint32_t w, int i, int j) {
   }
 }
 
+
+// A value as the output array would hold it, back in float; and the tanh approximation of GELU (the reference's
+// gelu_pytorch_tanh), for GATED products.
+__device__ __forceinline__ float stored_value(__nv_bfloat16*, float v) {
+  return __bfloat162float(__float2bfloat16_rn(v));
+}
+__device__ __forceinline__ float stored_value(__half*, float v) { return __half2float(__float2half_rn(v)); }
+__device__ __forceinline__ float stored_value(float*, float v) { return v; }
+__device__ __forceinline__ float gelu_tanh(float v) {
+  return 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+}
 """
 
 # Template ints: BITS, GROUP, N (output rows), K, RT (16-row tiles per warp), KSPLIT (warps per block, splitting K),
-# STAGES (chunks of weights in each warp's ring in shared memory), NT (8-column tiles of x rows), X_BF16.
+# STAGES (chunks of weights in each warp's ring in shared memory), NT (8-column tiles of x rows), X_BF16, GATED (W is
+# a stacked gate and up projection, [gate | up] by rows, and the output is gelu_tanh(gate) * up, N / 2 wide).
 SOURCE = r"""
   // A chunk is what a quad of lanes (t = lane % 4) multiplies from one weight row at once: four consecutive pieces
   // of LOAD_WORDS words, piece t to lane t, spanning one quantization group (half of one, for 8 bits in groups of
@@ -145,6 +159,11 @@ SOURCE = r"""
   int M = 1;  // rows of x: x as it comes, every dimension but the last (no reshape around the launch)
   for (int i = 0; i + 1 < x_ndim; ++i) M *= x_shape[i];
   const int row0 = blockIdx.x * ROWS;
+  // The weight row behind the block's local row r: its own rows; GATED, tile 0 from the gate half of W (rows 16 b
+  // on) and tile 1 the same rows of the up half, so that the block ends holding both sums of each of its rows.
+  auto weight_row = [&](int r) {
+    return GATED ? (r / 16) * (N / 2) + blockIdx.x * 16 + r % 16 : min(row0 + r, N - 1);
+  };
   const uint32_t ones_a[4] = {ONES, ONES, ONES, ONES};
   const uint32_t* scale_words = reinterpret_cast<const uint32_t*>(scales);
   const uint32_t* bias_words = reinterpret_cast<const uint32_t*>(biases);
@@ -161,13 +180,13 @@ SOURCE = r"""
       #pragma unroll
       for (int p = lane; p < ROWS * LOAD_WORDS; p += 32) {  // 16-byte pieces, a row's in a row
         const int r = p / LOAD_WORDS, q = p % LOAD_WORDS;
-        const int row = min(row0 + r, N - 1);  // rows past the end read the last one: never stored
+        const int row = weight_row(r);  // rows past the end read the last one: never stored
         copy_16_bytes(stage + r * ROW_WORDS + 4 * q, w + (size_t)row * WORDS_PER_ROW + c * ROW_WORDS + 4 * q);
       }
       #pragma unroll
       for (int p = lane; p < 2 * ROWS; p += 32) {
         const int r = p % ROWS;
-        const size_t at = (size_t)min(row0 + r, N - 1) * GROUPS + c * CHUNK / GROUP;
+        const size_t at = (size_t)weight_row(r) * GROUPS + c * CHUNK / GROUP;
         copy_4_bytes(stage + ROWS * ROW_WORDS + p, (p < ROWS ? scale_words : bias_words) + at / SCALES_PER_WORD);
       }
     }
@@ -199,7 +218,7 @@ SOURCE = r"""
         const int local = r * 16 + g + 8 * h;
         #pragma unroll
         for (int j = 0; j < LOAD_WORDS; ++j) loaded[r][h][j] = stage[local * ROW_WORDS + t * LOAD_WORDS + j];
-        const size_t at = (size_t)min(row0 + local, N - 1) * GROUPS + c * CHUNK / GROUP;
+        const size_t at = (size_t)weight_row(local) * GROUPS + c * CHUNK / GROUP;
         const bool odd = SCALES_PER_WORD == 2 && (at & 1);
         scale[r][h] = from_word(stage[ROWS * ROW_WORDS + local], odd, (ScaleT*)nullptr);
         bias[r][h] = from_word(stage[ROWS * ROW_WORDS + ROWS + local], odd, (ScaleT*)nullptr);
@@ -293,13 +312,30 @@ SOURCE = r"""
       own[8 * NT * 8 + 1] = total[r][n][3];
     }
   __syncthreads();
-  for (int i = threadIdx.x; i < ROWS * NT * 8; i += KSPLIT * 32) {
-    const int row = i / (NT * 8), column = i % (NT * 8);
-    if (row0 + row < N && column < M) {
-      float sum = 0.0f;
-      #pragma unroll
-      for (int s = 0; s < KSPLIT; ++s) sum += partial[(s * ROWS + row) * NT * 8 + column];
-      store(out + (size_t)column * N + row0 + row, sum);
+  if constexpr (GATED) {
+    // Each of the block's 16 rows: gelu_tanh(gate) * up, from its two sums rounded as the plain product stores them.
+    for (int i = threadIdx.x; i < 16 * NT * 8; i += KSPLIT * 32) {
+      const int row = i / (NT * 8), column = i % (NT * 8);
+      if (column < M) {
+        float gate = 0.0f, up = 0.0f;
+        #pragma unroll
+        for (int s = 0; s < KSPLIT; ++s) {
+          gate += partial[(s * ROWS + row) * NT * 8 + column];
+          up += partial[(s * ROWS + 16 + row) * NT * 8 + column];
+        }
+        const float gated = gelu_tanh(stored_value(out, gate)) * stored_value(out, up);
+        store(out + (size_t)column * (N / 2) + blockIdx.x * 16 + row, gated);
+      }
+    }
+  } else {
+    for (int i = threadIdx.x; i < ROWS * NT * 8; i += KSPLIT * 32) {
+      const int row = i / (NT * 8), column = i % (NT * 8);
+      if (row0 + row < N && column < M) {
+        float sum = 0.0f;
+        #pragma unroll
+        for (int s = 0; s < KSPLIT; ++s) sum += partial[(s * ROWS + row) * NT * 8 + column];
+        store(out + (size_t)column * N + row0 + row, sum);
+      }
     }
   }
 """
@@ -349,7 +385,9 @@ def uses_kernel(x: mx.array, w: mx.array, scales: mx.array, biases, group_size: 
     return x.shape[-1] == input_dims and input_dims % group_size == 0 and math.prod(x.shape[:-1]) <= MAX_ROWS
 
 
-def few_row_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int):
+def few_row_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int,
+                   gated: bool = False):
+    """x @ W^T; `gated` (W a stacked [gate | up] projection, as gates_in_kernel allows): gelu_tanh(gate) * up."""
     output_rows, input_dims = w.shape[0], x.shape[-1]
     # x goes in as it is: a reshape on each side would be two more nodes of the decoding step's graph per product.
     plan = launch_plan(output_rows, input_dims, bits, group_size, math.prod(x.shape[:-1]))
@@ -360,13 +398,30 @@ def few_row_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array,
         template=[("BITS", bits), ("GROUP", group_size), ("N", output_rows), ("K", input_dims),
                   ("RT", plan["RT"]), ("KSPLIT", plan["KSPLIT"]),
                   ("STAGES", plan["STAGES"]), ("NT", plan["NT"]),
-                  ("X_BF16", x.dtype == mx.bfloat16)],
+                  ("X_BF16", x.dtype == mx.bfloat16), ("GATED", gated)],
         grid=(plan["blocks"] * threads, 1, 1),
         threadgroup=(threads, 1, 1),
-        output_shapes=[(*x.shape[:-1], output_rows)],
+        output_shapes=[(*x.shape[:-1], output_rows // 2 if gated else output_rows)],
         output_dtypes=[out_dtype],
     )
     return out
+
+
+def gates_in_kernel(x: mx.array, w: mx.array, scales: mx.array, biases, group_size: int, bits: int, mode: str) -> bool:
+    """The rule for gating a stacked [gate | up] product in the kernel: the kernel's rule, GATE_SWITCH not off, and
+    halves of whole 16-row tiles (each block pairs a tile of gate rows with the same rows of up)."""
+    return (switched_on(GATE_SWITCH) and uses_kernel(x, w, scales, biases, group_size, bits, mode)
+            and w.shape[0] % 32 == 0 and TILES_PER_WARP == 2)
+
+
+def gated_quantized_matmul(x, w, scales, biases, group_size: int, bits: int, mode: str, tanh_gate):
+    """tanh_gate(gate, up) for [gate | up] = x @ dequantize(W)^T, W a stacked gate and up projection and tanh_gate the
+    MLP's gelu_tanh(gate) * up: in the kernel's last step where gates_in_kernel allows (the step launches no
+    kernel of its own for the gating, and [gate | up] is never written out), else the product, then tanh_gate."""
+    if gates_in_kernel(x, w, scales, biases, group_size, bits, mode):
+        return few_row_matmul(x, w, scales, biases, group_size, bits, gated=True)
+    gate, up = mx.split(quantized_matmul(x, w, scales, biases, group_size, bits, mode), 2, axis=-1)
+    return tanh_gate(gate, up)
 
 
 def quantized_matmul(x, w, scales, biases, group_size: int, bits: int, mode: str = "affine"):

@@ -9,7 +9,9 @@ import pytest
 
 from mlx_gemma4 import quantized_matvec
 from mlx_gemma4.quantized_layers import QuantizedEmbedding, QuantizedLinear, use_few_row_products
-from mlx_gemma4.quantized_matvec import MAX_ROWS, SWITCH, few_row_matmul, reference_quantized_matmul, uses_kernel
+from mlx_gemma4.decoder import MLP, gelu_tanh_gate
+from mlx_gemma4.quantized_matvec import (GATE_SWITCH, MAX_ROWS, SWITCH, few_row_matmul, gates_in_kernel,
+                                         reference_quantized_matmul, uses_kernel)
 
 CUDA = mx.cuda.is_available()
 
@@ -29,9 +31,12 @@ def on_cuda(monkeypatch):
     """The rule as it runs on a CUDA machine, with the kernel replaced by MLX's product and its calls counted."""
     calls = []
 
-    def counted(x, w, scales, biases, group_size, bits):
-        calls.append(x.shape)
-        return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits)
+    def counted(x, w, scales, biases, group_size, bits, gated=False):
+        calls.append((x.shape, gated))
+        out = mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits)
+        if gated:  # gated as the MLP gates (the kernel's own gating is the GPU tests' to check)
+            return gelu_tanh_gate(*mx.split(out, 2, axis=-1))
+        return out
 
     monkeypatch.setattr(quantized_matvec, "cuda_backend", lambda: True)
     monkeypatch.setattr(quantized_matvec, "few_row_matmul", counted)
@@ -84,7 +89,51 @@ def test_every_quantized_linear_layer_and_the_tied_head_take_the_kernel_for_a_de
     assert type(model.language_model.model.embed_tokens) is QuantizedEmbedding
     mx.eval(model(mx.array([[5]])))
     assert len(on_cuda) == len(layers) + 1  # every layer once, plus the tied head
-    assert all(shape[0] == 1 for shape in on_cuda)
+    assert all(shape[0] == 1 for shape, _ in on_cuda)
+    # Each MLP's stacked gate and up projection is gated in its kernel.
+    mlps = [m for _, m in model.language_model.named_modules() if isinstance(m, MLP)]
+    assert sum(gated for _, gated in on_cuda) == len(mlps) > 0
+
+
+def test_the_gated_product_has_its_own_switch_and_needs_halves_of_whole_tiles(on_cuda, monkeypatch):
+    w, scales, biases = quantized(64, 256, 4, 64)
+    assert gates_in_kernel(rows_of_x(3, 256), w, scales, biases, 64, 4, "affine")
+    monkeypatch.setenv(GATE_SWITCH, "0")
+    assert not gates_in_kernel(rows_of_x(3, 256), w, scales, biases, 64, 4, "affine")
+    assert uses_kernel(rows_of_x(3, 256), w, scales, biases, 64, 4, "affine")
+    monkeypatch.setenv(GATE_SWITCH, "1")
+    w, scales, biases = quantized(48, 256, 4, 64)  # halves of 24 rows: a block would straddle gate and up
+    assert not gates_in_kernel(rows_of_x(3, 256), w, scales, biases, 64, 4, "affine")
+    assert uses_kernel(rows_of_x(3, 256), w, scales, biases, 64, 4, "affine")
+
+
+def test_a_step_gated_in_the_product_computes_what_the_plain_mlp_does(on_cuda, monkeypatch):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from random_model import build_random_model
+
+    model, _ = build_random_model("tiny", 4)
+    gated = model(mx.array([[5]]))
+    monkeypatch.setenv(GATE_SWITCH, "0")
+    plain = model(mx.array([[5]]))
+    assert any(g for _, g in on_cuda) and not all(g for _, g in on_cuda)
+    assert mx.array_equal(gated, plain)
+
+
+def test_without_the_kernel_the_mlp_gates_exactly_as_before():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from random_model import build_random_model
+
+    model, _ = build_random_model("tiny", 4)
+    mlp = model.language_model.model.layers[0].mlp
+    x = rows_of_x(3, model.config.text_config.hidden_size)[None]
+    gate, up = mx.split(mlp.gate_up(x), [mlp.gate_rows], axis=-1)
+    assert mx.array_equal(mlp(x), mlp.down_proj(mlp.gated(gate, up)))
 
 
 def test_swapped_layers_compute_what_mlx_layers_compute_on_the_cpu():
@@ -141,6 +190,49 @@ def test_each_row_is_bit_for_bit_its_one_row_product(bits, group_size, output_ro
     alone = [few_row_matmul(x[i:i + 1], w, scales, biases, group_size, bits) for i in range(MAX_ROWS)]
     for rows in (2, 5, 8, 9, 16):
         together = few_row_matmul(x[:rows], w, scales, biases, group_size, bits)
+        for i in range(rows):
+            assert mx.array_equal(together[i:i + 1], alone[i]), (rows, i)
+
+
+def reference_gated(x, w, scales, biases, group_size, bits):
+    """gelu_tanh(gate) * up in float32 on the CPU, from [gate | up] rounded to the output dtype as the kernel rounds
+    them."""
+    with mx.stream(mx.cpu):
+        product = reference_quantized_matmul(x, w, scales, biases, group_size, bits)
+        gate, up = mx.split(product.astype(mx.float32), 2, axis=-1)
+        return (nn.gelu_approx(gate) * up).astype(product.dtype)
+
+
+GATED_CASES = ([((256, 768), mx.bfloat16, mx.bfloat16)]
+               + [((96, 384), x_dtype, scale_dtype) for x_dtype, scale_dtype in
+                  [(mx.bfloat16, mx.bfloat16), (mx.float16, mx.float16), (mx.bfloat16, mx.float32)]])
+
+
+@gpu
+@pytest.mark.parametrize("bits,group_size", FORMATS)
+@pytest.mark.parametrize("shape,x_dtype,scale_dtype", GATED_CASES)
+def test_gated_kernel_matches_the_gated_dequantized_product(bits, group_size, shape, x_dtype, scale_dtype):
+    w, scales, biases = quantized(*shape, bits, group_size, scale_dtype)
+    for rows in (1, 3, 16):
+        x = rows_of_x(rows, shape[1], x_dtype, seed=rows)
+        out = few_row_matmul(x, w, scales, biases, group_size, bits, gated=True)
+        reference = reference_gated(x, w, scales, biases, group_size, bits)
+        assert out.dtype == reference.dtype and out.shape == reference.shape == (rows, shape[0] // 2)
+        assert relative_error(out, reference) < 2e-3
+        # The same kernel's [gate | up], gated afterwards in float32 on the GPU: only tanh's last bits may differ.
+        plain = few_row_matmul(x, w, scales, biases, group_size, bits)
+        gate, up = mx.split(plain.astype(mx.float32), 2, axis=-1)
+        assert relative_error(out, (nn.gelu_approx(gate) * up).astype(plain.dtype)) < 1e-3
+
+
+@gpu
+@pytest.mark.parametrize("bits,group_size", [(4, 64), (8, 32)])
+def test_gated_rows_are_bit_for_bit_their_one_row_products(bits, group_size):
+    w, scales, biases = quantized(2048, 3840, bits, group_size)
+    x = rows_of_x(MAX_ROWS, 3840)
+    alone = [few_row_matmul(x[i:i + 1], w, scales, biases, group_size, bits, gated=True) for i in range(MAX_ROWS)]
+    for rows in (4, 9, 16):
+        together = few_row_matmul(x[:rows], w, scales, biases, group_size, bits, gated=True)
         for i in range(rows):
             assert mx.array_equal(together[i:i + 1], alone[i]), (rows, i)
 
