@@ -29,8 +29,9 @@ class SlotCache:
     """Stands in for a layer's cache inside the traced step: writes the new keys and values at `slot` (one position
     a row), quantized when the buffers are."""
 
-    def __init__(self, keys, values, slot: mx.array, position: mx.array):
+    def __init__(self, keys, values, slot: mx.array, position: mx.array, indices: "SlotIndices"):
         self.keys, self.values, self.slot, self.offset = keys, values, slot, position
+        self.indices = indices
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         self.keys = self._written(self.keys, keys)
@@ -40,17 +41,30 @@ class SlotCache:
     def _written(self, buffer, rows: mx.array):
         rows = quantize_like(buffer, rows)
         if is_quantized(buffer):
-            return tuple(written_at(part, new, self.slot) for part, new in zip(buffer, rows))
-        return written_at(buffer, rows, self.slot)
+            return tuple(written_at(part, new, self.indices(self.slot, new.shape)) for part, new in zip(buffer, rows))
+        return written_at(buffer, rows, self.indices(self.slot, rows.shape))
 
 
-def written_at(buffer: mx.array, rows: mx.array, slot: mx.array) -> mx.array:
-    """`buffer` (batch, heads, positions, width) with `rows` (batch, heads, n, width) written at the n positions of
-    `slot`, in place where the buffer can be donated. A scatter, not mx.slice_update at an array offset: MLX 0.32.4's
-    CUDA kernel for the latter runs one thread per element of the whole buffer, not of the rows written (80 writes
-    took 2.3 ms of a 12B step at 512 positions, 16 more 2.4 ms at 32K on an H200:
-    bench/results/h200-decode-kernel-profile-before.json)."""
-    index = mx.broadcast_to(slot.reshape(1, 1, -1, 1), rows.shape)
+class SlotIndices:
+    """The scatter indices of a step's writes, made once for each slot array and shape written: the layers of a kind
+    write alike, and each index made again would be two more nodes of the host-bound step's graph (96 a 12B step)."""
+
+    def __init__(self):
+        self.made = {}
+
+    def __call__(self, slot: mx.array, shape: tuple) -> mx.array:
+        key = id(slot), tuple(shape)  # the slot arrays live as long as the step's trace, so ids stay theirs
+        if key not in self.made:
+            self.made[key] = mx.broadcast_to(slot.reshape(1, 1, -1, 1), shape)
+        return self.made[key]
+
+
+def written_at(buffer: mx.array, rows: mx.array, index: mx.array) -> mx.array:
+    """`buffer` (batch, heads, positions, width) with `rows` (batch, heads, n, width) written at the positions
+    `index` (rows' shape, SlotIndices') names, in place where the buffer can be donated. A scatter, not
+    mx.slice_update at an array offset: MLX 0.32.4's CUDA kernel for the latter runs one thread per element of the
+    whole buffer, not of the rows written (80 writes took 2.3 ms of a 12B step at 512 positions, 16 more 2.4 ms at
+    32K on an H200: bench/results/h200-decode-kernel-profile-before.json)."""
     return mx.put_along_axis(buffer, index, rows, axis=2)
 
 
@@ -84,7 +98,8 @@ def traced_step(model, sliding_masked: bool, tokens: int):
 
     def step(token_ids, position, ring_slots, buffers):
         positions = position + mx.arange(tokens)
-        caches = [SlotCache(keys, values, ring_slots if is_sliding else positions, position)
+        indices = SlotIndices()
+        caches = [SlotCache(keys, values, ring_slots if is_sliding else positions, position, indices)
                   for (keys, values), is_sliding in zip(buffers, sliding)]
         rows = {is_sliding: row_count(keys) for (keys, _), is_sliding in zip(buffers, sliding)}
         masks = {FULL: full_mask(positions, rows[False]) if False in rows else None,
