@@ -77,6 +77,9 @@ def parse_args(argv=None):
     parser.add_argument("--no-fused-norms", action="store_true",
                         help="CUDA: our decoding steps' norms, residual sums and rotations through MLX operations, not "
                              "our kernels (MLX_GEMMA4_FUSED_NORMS=0)")
+    parser.add_argument("--no-gated-product", action="store_true",
+                        help="CUDA: gelu_tanh(gate) * up as a kernel of its own after the gate+up product, not in the "
+                             "product's last step (MLX_GEMMA4_GATED_PRODUCT=0)")
     parser.add_argument("--skip-ours", action="store_true",
                         help="run the peers only, e.g. to give their long-context runs a call of their own")
     return parser.parse_args(argv)
@@ -305,6 +308,8 @@ def main(argv=None):
         os.environ[decode_attention.SWITCH] = "0"
     if args.no_fused_norms:
         os.environ[fused_norms.SWITCH] = "0"
+    if args.no_gated_product:
+        os.environ[quantized_matvec.GATE_SWITCH] = "0"
     machine = machine_bandwidth(args.bandwidth)
     if args.kernel_table:
         return run_kernel_table(args, machine)

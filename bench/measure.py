@@ -110,7 +110,9 @@ def environment() -> dict:
             "platform": sys.platform, "cpu_count": os.cpu_count(), "commit": source_commit(),
             "few_row_kernel": on_cuda and cuda_backend.switched_on(quantized_matvec.SWITCH),
             "decode_attention_kernel": on_cuda and cuda_backend.switched_on(decode_attention.SWITCH),
-            "fused_norms_kernel": on_cuda and cuda_backend.switched_on(fused_norms.SWITCH)}
+            "fused_norms_kernel": on_cuda and cuda_backend.switched_on(fused_norms.SWITCH),
+            "gated_product": on_cuda and cuda_backend.switched_on(quantized_matvec.SWITCH)
+            and cuda_backend.switched_on(quantized_matvec.GATE_SWITCH)}
 
 
 def source_commit():

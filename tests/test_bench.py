@@ -171,8 +171,13 @@ def test_results_say_which_code_made_them_and_whether_our_kernels_ran(results, m
     assert results["environment"]["decode_attention_kernel"] is False
     monkeypatch.setattr("mlx_gemma4.cuda_backend.cuda_backend", lambda: True)
     assert environment()["few_row_kernel"] is True and environment()["decode_attention_kernel"] is True
+    assert environment()["gated_product"] is True
+    monkeypatch.setenv("MLX_GEMMA4_GATED_PRODUCT", "0")
+    assert environment()["gated_product"] is False and environment()["few_row_kernel"] is True
+    monkeypatch.delenv("MLX_GEMMA4_GATED_PRODUCT")
     monkeypatch.setenv("MLX_GEMMA4_MATVEC", "0")
     assert environment()["few_row_kernel"] is False and environment()["decode_attention_kernel"] is True
+    assert environment()["gated_product"] is False  # the gating is the few-row kernel's last step
     monkeypatch.setenv("MLX_GEMMA4_DECODE_ATTENTION", "0")
     assert environment()["decode_attention_kernel"] is False and environment()["fused_norms_kernel"] is True
     monkeypatch.setenv("MLX_GEMMA4_FUSED_NORMS", "0")
