@@ -34,10 +34,14 @@ def context_length(model) -> int:
     return model.config.text_config.max_position_embeddings
 
 
-def prompt_ids(processor, prompt: Union[str, list]) -> list:
+def prompt_ids(processor, prompt: Union[str, list], vocab_size: int) -> list:
+    """The prompt's token ids (text is encoded), checked: an id outside the vocabulary would read past the embedding
+    table (MLX's gather does not check its indices)."""
     ids = processor.encode(prompt) if isinstance(prompt, str) else list(prompt)
     if not ids:
         raise Gemma4Error("the prompt is empty")
+    if any(not 0 <= token < vocab_size for token in ids):
+        raise Gemma4Error(f"prompt token ids must be in [0, {vocab_size})")
     return ids
 
 
@@ -84,7 +88,7 @@ def stream_generate(
 
         ids, media = media_prompt(model, processor, prompt, images, audio, video)
     else:
-        ids = prompt_ids(processor, prompt)
+        ids = prompt_ids(processor, prompt, model.config.text_config.vocab_size)
     past = prompt_cache[0].offset if prompt_cache else 0
     limit = context_length(model)
     if past + len(ids) >= limit:

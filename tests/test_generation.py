@@ -91,6 +91,15 @@ def test_prompt_past_the_context_is_refused(checkpoint):
         next(stream_generate(model, processor, [40] * 96))
 
 
+@pytest.mark.parametrize("bad_id", [-1, "vocab"])
+def test_prompt_ids_outside_the_vocabulary_are_refused(checkpoint, bad_id):
+    # MLX's gather reads whatever lies past the embedding table (a crash, or garbage): refused before anything runs.
+    _, _, model, processor = checkpoint
+    vocab = model.config.text_config.vocab_size
+    with pytest.raises(Gemma4Error, match=rf"token ids must be in \[0, {vocab}\)"):
+        next(stream_generate(model, processor, [2, 40, vocab if bad_id == "vocab" else bad_id]))
+
+
 def test_max_tokens_is_cut_to_what_the_context_leaves(checkpoint):
     _, _, model, processor = checkpoint
     responses = list(stream_generate(model, processor, [40] * 90, max_tokens=50, sampler=lambda lp: mx.array([300])))

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import Gemma4Error
+from ..generation import prompt_ids
 from ..processor import END_OF_TURN_TOKEN
 from .chat_format import (TOOL_RESPONSE_START, ReplyParser, forced_tool_grammar, render_chat,
                           template_options)
@@ -85,12 +86,7 @@ class Server:
         )
 
     def text_prompt(self, text_or_ids) -> Prompt:
-        ids = self.processor.encode(text_or_ids) if isinstance(text_or_ids, str) else list(text_or_ids)
-        if not ids:
-            raise Gemma4Error("the prompt is empty")
-        vocab = self.processor.config.text_config.vocab_size
-        if any(not 0 <= token < vocab for token in ids):
-            raise Gemma4Error(f"prompt token ids must be in [0, {vocab})")
+        ids = prompt_ids(self.processor, text_or_ids, self.processor.config.text_config.vocab_size)
         return Prompt(ids, list(ids))
 
     def chat_prompt(self, text: str, media: dict) -> Prompt:
