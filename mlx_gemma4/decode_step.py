@@ -47,7 +47,8 @@ class SlotCache:
 
 class SlotIndices:
     """The scatter indices of a step's writes, made once for each slot array and shape written: the layers of a kind
-    write alike, and each index made again would be two more nodes of the host-bound step's graph (96 a 12B step)."""
+    write alike, and an index made for each write would be two more nodes of the host-bound step's graph (192 a 12B
+    step: 96 writes)."""
 
     def __init__(self):
         self.made = {}

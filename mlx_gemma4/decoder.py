@@ -173,9 +173,10 @@ class MLP(nn.Module):
         self.gated = gated_activation(config.hidden_activation)
 
     def __call__(self, x):
-        if "gate_up" in self and self.gated is gelu_tanh_gate and isinstance(self.gate_up, QuantizedLinear):
-            # Gated in the stacked product's kernel where it runs: one launch a layer fewer.
-            return self.down_proj(self.gate_up.tanh_gated(x, self.gated))
+        if ("gate_up" in self and self.gated is gelu_tanh_gate and isinstance(self.gate_up, QuantizedLinear)
+                and self.gate_up.can_gate_in_kernel(x)):
+            # Gated in the stacked product's kernel: one launch a layer fewer.
+            return self.down_proj(self.gate_up.tanh_gated(x))
         if "gate_up" in self:
             gate, up = mx.split(self.gate_up(x), [self.gate_rows], axis=-1)
         else:

@@ -6,7 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
-from .quantized_matvec import gated_quantized_matmul, quantized_matmul
+from .quantized_matvec import gated_quantized_matmul, gates_in_kernel, quantized_matmul
 
 
 class QuantizedLinear(nn.QuantizedLinear):
@@ -15,13 +15,16 @@ class QuantizedLinear(nn.QuantizedLinear):
                                self.mode)
         return out + self["bias"] if "bias" in self else out
 
-    def tanh_gated(self, x: mx.array, tanh_gate) -> mx.array:
-        """tanh_gate(gate, up) = gelu_tanh(gate) * up for [gate | up] = the layer's output (a stacked gate and up
-        projection)."""
-        if "bias" in self:
-            return tanh_gate(*mx.split(self(x), 2, axis=-1))
-        return gated_quantized_matmul(x, self["weight"], self["scales"], self.get("biases"), self.group_size,
-                                      self.bits, self.mode, tanh_gate)
+    def can_gate_in_kernel(self, x: mx.array) -> bool:
+        """Whether tanh_gated can run for x: the kernel's rule for a stacked gate and up projection, and no bias
+        (it would have to be added before the gating)."""
+        return "bias" not in self and gates_in_kernel(x, self["weight"], self["scales"], self.get("biases"),
+                                                      self.group_size, self.bits, self.mode)
+
+    def tanh_gated(self, x: mx.array) -> mx.array:
+        """gelu_tanh(gate) * up for [gate | up] = the layer's output (a stacked gate and up projection), gated in the
+        product's kernel: only where can_gate_in_kernel(x)."""
+        return gated_quantized_matmul(x, self["weight"], self["scales"], self["biases"], self.group_size, self.bits)
 
 
 class QuantizedEmbedding(nn.QuantizedEmbedding):

@@ -34,7 +34,7 @@ from .cuda_source import COMMON_HEADER, compact
 # 8.34 ms with its first version against 10.77 ms without, kernel on and off in turns
 # (bench/results/h200-matvec-decode-ab.json).
 SWITCH = "MLX_GEMMA4_MATVEC"
-# "0" keeps an MLP's gating out of the stacked gate and up product's kernel (gated_quantized_matmul), for A/B runs.
+# "0" keeps an MLP's gating out of the stacked gate and up product's kernel (gates_in_kernel), for A/B runs.
 GATE_SWITCH = "MLX_GEMMA4_GATED_PRODUCT"
 MAX_ROWS = 16  # rows of x one pass takes: two 8-column tiles of the tensor-core product
 SUPPORTED_BITS = (4, 8)
@@ -414,14 +414,11 @@ def gates_in_kernel(x: mx.array, w: mx.array, scales: mx.array, biases, group_si
             and w.shape[0] % 32 == 0 and TILES_PER_WARP == 2)
 
 
-def gated_quantized_matmul(x, w, scales, biases, group_size: int, bits: int, mode: str, tanh_gate):
-    """tanh_gate(gate, up) for [gate | up] = x @ dequantize(W)^T, W a stacked gate and up projection and tanh_gate the
-    MLP's gelu_tanh(gate) * up: in the kernel's last step where gates_in_kernel allows (the step launches no
-    kernel of its own for the gating, and [gate | up] is never written out), else the product, then tanh_gate."""
-    if gates_in_kernel(x, w, scales, biases, group_size, bits, mode):
-        return few_row_matmul(x, w, scales, biases, group_size, bits, gated=True)
-    gate, up = mx.split(quantized_matmul(x, w, scales, biases, group_size, bits, mode), 2, axis=-1)
-    return tanh_gate(gate, up)
+def gated_quantized_matmul(x, w, scales, biases, group_size: int, bits: int):
+    """gelu_tanh(gate) * up for [gate | up] = x @ dequantize(W)^T, W a stacked gate and up projection, in the kernel's
+    last step: the step launches no kernel of its own for the gating, and [gate | up] is never written out. Call only
+    where gates_in_kernel allows."""
+    return few_row_matmul(x, w, scales, biases, group_size, bits, gated=True)
 
 
 def quantized_matmul(x, w, scales, biases, group_size: int, bits: int, mode: str = "affine"):
