@@ -10,8 +10,8 @@ x by `mma.m16n8k16`, accumulating in float32. Each group's integer products are 
 The weights reach each warp through a ring of stages in shared memory, filled by asynchronous copies (`cp.async`) a
 few chunks ahead of the multiplications; each lane then reads from a stage the piece of a row that the tensor core's
 fragment layout wants from it. The bytes in flight take no registers, so more warps fit on a multiprocessor than
-when each warp held its next chunks in registers (60 registers a thread against 102 on sm_90, for the 12B's large
-shapes), and a warp's loads never wait for its arithmetic.
+when each warp held its next chunks in registers (52-54 registers a thread at up to 8 rows against 102 on sm_90, for
+the 12B's large shapes), and a warp's loads never wait for its arithmetic.
 
 Every output row is summed in an order fixed by the weight's shape alone (which warp takes which slice of K, the
 order of the slices and of the final sum across warps), never by how many rows of x come along: a row's result is
@@ -41,13 +41,15 @@ SUPPORTED_BITS = (4, 8)
 SUPPORTED_GROUPS = (32, 64, 128)
 FLOAT_DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 # Work sizing: each warp takes two 16-row tiles (its x rows' loads and the sums of x then serve 32 weight rows); a
-# block's warps split K, 4 of them when there are blocks enough to fill a large GPU's 132 multiprocessors four times
-# over, else 8. Chosen on an H200 from a development sweep (one, two and four tiles a warp, 4 to 32 warps a block, 2
-# to 8 stages) in which no other plan was faster beyond the noise; the sweep is not part of this package.
+# block's warps split K: 4 of them when there are blocks enough to fill a large GPU's 132 multiprocessors four times
+# over, else 16. A warp issues an instruction only every 7-10 cycles (it waits on its loads and the tensor cores), so
+# a multiprocessor needs many: with 8 warps a block, the 120 blocks of the 12B's down and o products put 8 warps on a
+# multiprocessor and ncu read down at 20% of the card's bandwidth (bench/results/h200-matvec-ncu-29b7511.json);
+# with 16, down took 23.5 us against 34.8 and o 10.2 against 12.0 at one row (bench/results/h200-matvec-ncu-plans.json).
 MULTIPROCESSORS = 132
 TILES_PER_WARP = 2
-# Shared memory for a block's rings: at most this much by default, so that several blocks share a multiprocessor.
-SHARED_BYTES = 40 << 10
+# Shared memory for a block's rings: up to MAX_STAGES chunks a warp, within this much.
+SHARED_BYTES = 100 << 10
 MAX_STAGES = 4
 
 
@@ -171,6 +173,21 @@ SOURCE = r"""
   // This warp's chunks are warp, warp + KSPLIT, ...: the i-th goes to stage i % STAGES of its ring.
   const int my_chunks = warp < CHUNKS ? (CHUNKS - 1 - warp) / KSPLIT + 1 : 0;
 
+  // A lane copies the same pieces of every chunk, so where they start (at chunk 0) is worked out once: 32-bit offsets
+  // in words of W and in values of the scales and biases. Piece p of a chunk lands at word 4 p of its stage.
+  static_assert((long long)N * WORDS_PER_ROW < (1ll << 32), "offsets in W are 32-bit");
+  constexpr int PIECES = ROWS * LOAD_WORDS, MY_PIECES = (PIECES + 31) / 32;
+  constexpr int SCALE_COPIES = 2 * ROWS, MY_SCALE_COPIES = (SCALE_COPIES + 31) / 32;  // a row's scale, then its bias
+  uint32_t piece_at[MY_PIECES], group_at[MY_SCALE_COPIES];
+  #pragma unroll
+  for (int j = 0; j < MY_PIECES; ++j) {
+    const int p = min(lane + 32 * j, PIECES - 1);  // rows past the end read the last one: never stored
+    piece_at[j] = (uint32_t)weight_row(p / LOAD_WORDS) * WORDS_PER_ROW + 4 * (p % LOAD_WORDS);
+  }
+  #pragma unroll
+  for (int j = 0; j < MY_SCALE_COPIES; ++j)
+    group_at[j] = (uint32_t)weight_row(min(lane + 32 * j, SCALE_COPIES - 1) % ROWS) * GROUPS;
+
   // Every call commits one group of copies, empty past the last chunk, so that waiting for all but the newest
   // STAGES - 1 groups always means the oldest stage has landed.
   auto fetch = [&](int i) {
@@ -178,16 +195,16 @@ SOURCE = r"""
       const int c = warp + i * KSPLIT;
       uint32_t* stage = ring + (i % STAGES) * STAGE_WORDS;
       #pragma unroll
-      for (int p = lane; p < ROWS * LOAD_WORDS; p += 32) {  // 16-byte pieces, a row's in a row
-        const int r = p / LOAD_WORDS, q = p % LOAD_WORDS;
-        const int row = weight_row(r);  // rows past the end read the last one: never stored
-        copy_16_bytes(stage + r * ROW_WORDS + 4 * q, w + (size_t)row * WORDS_PER_ROW + c * ROW_WORDS + 4 * q);
+      for (int j = 0; j < MY_PIECES; ++j) {
+        const int p = lane + 32 * j;
+        if (PIECES % 32 == 0 || p < PIECES) copy_16_bytes(stage + 4 * p, w + piece_at[j] + c * ROW_WORDS);
       }
       #pragma unroll
-      for (int p = lane; p < 2 * ROWS; p += 32) {
-        const int r = p % ROWS;
-        const size_t at = (size_t)weight_row(r) * GROUPS + c * CHUNK / GROUP;
-        copy_4_bytes(stage + ROWS * ROW_WORDS + p, (p < ROWS ? scale_words : bias_words) + at / SCALES_PER_WORD);
+      for (int j = 0; j < MY_SCALE_COPIES; ++j) {
+        const int p = lane + 32 * j;
+        if (SCALE_COPIES % 32 == 0 || p < SCALE_COPIES)
+          copy_4_bytes(stage + ROWS * ROW_WORDS + p,
+                       (p < ROWS ? scale_words : bias_words) + (group_at[j] + c * CHUNK / GROUP) / SCALES_PER_WORD);
       }
     }
     commit_copies();
@@ -218,7 +235,8 @@ SOURCE = r"""
         const int local = r * 16 + g + 8 * h;
         #pragma unroll
         for (int j = 0; j < LOAD_WORDS; ++j) loaded[r][h][j] = stage[local * ROW_WORDS + t * LOAD_WORDS + j];
-        const size_t at = (size_t)weight_row(local) * GROUPS + c * CHUNK / GROUP;
+        // The half of the word that holds this group's value: with an even number of groups a row, the chunk's alone.
+        const uint32_t at = (GROUPS % 2 == 0 ? 0u : (uint32_t)weight_row(local) * GROUPS) + c * CHUNK / GROUP;
         const bool odd = SCALES_PER_WORD == 2 && (at & 1);
         scale[r][h] = from_word(stage[ROWS * ROW_WORDS + local], odd, (ScaleT*)nullptr);
         bias[r][h] = from_word(stage[ROWS * ROW_WORDS + ROWS + local], odd, (ScaleT*)nullptr);
@@ -362,7 +380,7 @@ def launch_plan(output_rows: int, input_dims: int, bits: int, group_size: int, r
     chunks = input_dims // (4 * load_words * 32 // bits)
     tiles = TILES_PER_WARP
     blocks = math.ceil(output_rows / (16 * tiles))
-    split = min(4 if blocks >= 4 * MULTIPROCESSORS else 8, chunks)
+    split = min(4 if blocks >= 4 * MULTIPROCESSORS else 16, chunks)
     stage_bytes = 16 * tiles * (16 * load_words + 8)  # weights, then a 32-bit word of scales and one of biases a row
     stages = max(2, min(MAX_STAGES, SHARED_BYTES // (split * stage_bytes)))
     columns = 8 if rows_of_x <= 8 else 16
