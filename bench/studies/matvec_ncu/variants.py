@@ -1,0 +1,125 @@
+"""Variants of the few-row kernel, built beside the package's (same template ints, other source): 29b7511's source
+("old", read from a copy of that commit's package named by OLD_PACKAGE: `git archive 29b7511 mlx_gemma4 | tar -x -C
+/tmp/pkg-29b7511`), this tree's ("lean"), 29b7511's with x loaded a chunk ahead ("xpf"), and a plain
+stream over W's words (the floor)."""
+import os
+import math
+from functools import lru_cache
+import mlx.core as mx
+from mlx_gemma4 import quantized_matvec as qm
+
+OLD_SOURCE_FILE = os.path.join(os.environ.get("OLD_PACKAGE", "/tmp/pkg-29b7511"), "mlx_gemma4/quantized_matvec.py")
+
+
+def _replace(text, old, new):
+    assert text.count(old) == 1, old[:60]
+    return text.replace(old, new)
+
+
+# x for chunk i + 1 is loaded while chunk i is multiplied: 29b7511's kernel loads x inside the chunk's loop, so
+# every chunk waits for an L1/L2 round trip before its first product.
+OLD = open(OLD_SOURCE_FILE).read().split('SOURCE = r"""')[1].split('"""')[0]
+XPF = OLD
+XPF = _replace(XPF, """  #pragma unroll
+  for (int i = 0; i < STAGES - 1; ++i) fetch(i);
+""", """  uint4 x_next4[LOAD_WORDS][NT];
+  uint2 x_next2[LOAD_WORDS][NT];
+  auto load_x = [&](int i) {
+    const int c = warp + i * KSPLIT;
+    #pragma unroll
+    for (int j = 0; j < LOAD_WORDS; ++j)
+      #pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        const int m = n * 8 + g;
+        const int k = c * CHUNK + t * CODES_PER_LANE + j * CODES_PER_WORD;
+        const bool live = m < M && i < my_chunks;
+        if constexpr (BITS == 4)
+          x_next4[j][n] = live ? __ldg(reinterpret_cast<const uint4*>(x + (size_t)m * K + k)) : make_uint4(0, 0, 0, 0);
+        else
+          x_next2[j][n] = live ? __ldg(reinterpret_cast<const uint2*>(x + (size_t)m * K + k)) : make_uint2(0, 0);
+      }
+  };
+  load_x(0);
+  #pragma unroll
+  for (int i = 0; i < STAGES - 1; ++i) fetch(i);
+""")
+XPF = _replace(XPF, """    fetch(i + STAGES - 1);
+    wait_copies<STAGES - 1>();
+""", """    fetch(i + STAGES - 1);
+    uint4 x_now4[LOAD_WORDS][NT];
+    uint2 x_now2[LOAD_WORDS][NT];
+    #pragma unroll
+    for (int j = 0; j < LOAD_WORDS; ++j)
+      #pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        x_now4[j][n] = x_next4[j][n];
+        x_now2[j][n] = x_next2[j][n];
+      }
+    load_x(i + 1);
+    wait_copies<STAGES - 1>();
+""")
+XPF = _replace(XPF, """        for (int n = 0; n < NT; ++n) {
+          const int m = n * 8 + g;
+          xs[n] = m < M ? __ldg(reinterpret_cast<const uint4*>(x + (size_t)m * K + k)) : make_uint4(0, 0, 0, 0);
+        }
+""", """        for (int n = 0; n < NT; ++n) xs[n] = x_now4[j][n];
+""")
+XPF = _replace(XPF, """          const int m = n * 8 + g;
+          const uint2 xv = m < M ? __ldg(reinterpret_cast<const uint2*>(x + (size_t)m * K + k)) : make_uint2(0, 0);
+""", """          const uint2 xv = x_now2[j][n];
+""")
+XPF = _replace(XPF, "      const int k = c * CHUNK + t * CODES_PER_LANE + j * CODES_PER_WORD;"
+                    "  // this lane's codes of word j\n", "")
+
+SOURCES = {"xpf": XPF, "old": OLD, "lean": qm.SOURCE}
+
+
+@lru_cache(maxsize=None)
+def kernel(variant: str, shared_bytes: int):
+    return mx.fast.cuda_kernel(name=f"gemma4_few_rows_{variant}", input_names=["x", "w", "scales", "biases"],
+                               output_names=["out"], source=qm.compact(SOURCES[variant]), header=qm.compact(qm.HEADER),
+                               shared_memory=shared_bytes)
+
+
+def matmul(variant, x, w, scales, biases, group_size, bits, gated=False, plan_fn=None):
+    output_rows, input_dims = w.shape[0], x.shape[-1]
+    plan = (plan_fn or qm.launch_plan)(output_rows, input_dims, bits, group_size, math.prod(x.shape[:-1]))
+    threads = 32 * plan["KSPLIT"]
+    (out,) = kernel(variant, plan["shared_bytes"])(
+        inputs=[x, w, scales, biases],
+        template=[("BITS", bits), ("GROUP", group_size), ("N", output_rows), ("K", input_dims), ("RT", plan["RT"]),
+                  ("KSPLIT", plan["KSPLIT"]), ("STAGES", plan["STAGES"]), ("NT", plan["NT"]),
+                  ("X_BF16", x.dtype == mx.bfloat16), ("GATED", gated)],
+        grid=(plan["blocks"] * threads, 1, 1), threadgroup=(threads, 1, 1),
+        output_shapes=[(*x.shape[:-1], output_rows // 2 if gated else output_rows)],
+        output_dtypes=[qm.result_dtype(x.dtype, scales.dtype)])
+    return out
+
+
+# The floor in this harness: one pass over W's words with 16-byte loads, four in flight per thread, nothing else.
+STREAM = r"""
+  const uint4* p = reinterpret_cast<const uint4*>(w);
+  const size_t n = (size_t)WORDS / 4, stride = (size_t)gridDim.x * blockDim.x;
+  size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  uint32_t acc = 0;
+  for (; i + 3 * stride < n; i += 4 * stride) {
+    const uint4 a = __ldcs(p + i), b = __ldcs(p + i + stride);
+    const uint4 c = __ldcs(p + i + 2 * stride), d = __ldcs(p + i + 3 * stride);
+    acc ^= a.x ^ a.y ^ a.z ^ a.w ^ b.x ^ b.y ^ b.z ^ b.w ^ c.x ^ c.y ^ c.z ^ c.w ^ d.x ^ d.y ^ d.z ^ d.w;
+  }
+  for (; i < n; i += stride) { const uint4 a = __ldcs(p + i); acc ^= a.x ^ a.y ^ a.z ^ a.w; }
+  if (acc == 0x9E3779B9u) out[0] = __float2bfloat16(1.0f);
+"""
+
+
+@lru_cache(maxsize=None)
+def stream_kernel():
+    return mx.fast.cuda_kernel(name="stream_read", input_names=["x", "w", "scales", "biases"], output_names=["out"],
+                               source=STREAM)
+
+
+def stream(x, w, scales, biases, blocks_per_sm=8, threads=256):
+    (out,) = stream_kernel()(inputs=[x, w, scales, biases], template=[("WORDS", w.size)],
+                             grid=(132 * blocks_per_sm * threads, 1, 1), threadgroup=(threads, 1, 1),
+                             output_shapes=[(1,)], output_dtypes=[mx.bfloat16])
+    return out
