@@ -379,15 +379,26 @@ def launch_plan(output_rows: int, input_dims: int, bits: int, group_size: int, r
     load_words = min(4, group_size * bits // 128)  # per lane and chunk; a chunk spans at most one group
     chunks = input_dims // (4 * load_words * 32 // bits)
     tiles = TILES_PER_WARP
-    blocks = math.ceil(output_rows / (16 * tiles))
-    split = min(4 if blocks >= 4 * MULTIPROCESSORS else 16, chunks)
-    stage_bytes = 16 * tiles * (16 * load_words + 8)  # weights, then a 32-bit word of scales and one of biases a row
-    stages = max(2, min(MAX_STAGES, SHARED_BYTES // (split * stage_bytes)))
+    split = min(4 if math.ceil(output_rows / (16 * tiles)) >= 4 * MULTIPROCESSORS else 16, chunks)
+    stages = max(2, min(MAX_STAGES, SHARED_BYTES // (split * stage_bytes(tiles, bits, group_size))))
+    return sized_plan(output_rows, bits, group_size, rows_of_x, tiles, split, stages)
+
+
+def stage_bytes(tiles: int, bits: int, group_size: int) -> int:
+    """A stage of a warp's ring: its rows' chunk of weights, then a 32-bit word of scales and one of biases a row."""
+    load_words = min(4, group_size * bits // 128)
+    return 16 * tiles * (16 * load_words + 8)
+
+
+def sized_plan(output_rows: int, bits: int, group_size: int, rows_of_x: int, tiles: int, split: int,
+               stages: int) -> dict:
+    """The plan launch_plan's choices (or any others: bench/studies/matvec_ncu) make: blocks, columns of x and
+    shared memory."""
     columns = 8 if rows_of_x <= 8 else 16
     # The rings, or after them the warps' partial sums (float32, rows x columns), whichever is larger.
-    shared_bytes = max(split * stages * stage_bytes, split * 16 * tiles * columns * 4)
+    shared_bytes = max(split * stages * stage_bytes(tiles, bits, group_size), split * 16 * tiles * columns * 4)
     return {"RT": tiles, "KSPLIT": split, "STAGES": stages, "NT": columns // 8,
-            "blocks": blocks, "shared_bytes": shared_bytes}
+            "blocks": math.ceil(output_rows / (16 * tiles)), "shared_bytes": shared_bytes}
 
 
 def uses_kernel(x: mx.array, w: mx.array, scales: mx.array, biases, group_size: int, bits: int, mode: str) -> bool:
@@ -406,12 +417,16 @@ def uses_kernel(x: mx.array, w: mx.array, scales: mx.array, biases, group_size: 
 def few_row_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int,
                    gated: bool = False):
     """x @ W^T; `gated` (W a stacked [gate | up] projection, as gates_in_kernel allows): gelu_tanh(gate) * up."""
+    plan = launch_plan(w.shape[0], x.shape[-1], bits, group_size, math.prod(x.shape[:-1]))
+    return launch(few_row_kernel(plan["shared_bytes"]), plan, x, w, scales, biases, group_size, bits, gated)
+
+
+def launch(kernel, plan: dict, x, w, scales, biases, group_size: int, bits: int, gated: bool):
+    """One launch of `kernel` (few_row_kernel's, or a variant of its source with the same template ints) by `plan`."""
     output_rows, input_dims = w.shape[0], x.shape[-1]
-    # x goes in as it is: a reshape on each side would be two more nodes of the decoding step's graph per product.
-    plan = launch_plan(output_rows, input_dims, bits, group_size, math.prod(x.shape[:-1]))
     threads = 32 * plan["KSPLIT"]
-    out_dtype = result_dtype(x.dtype, scales.dtype)
-    (out,) = few_row_kernel(plan["shared_bytes"])(
+    # x goes in as it is: a reshape on each side would be two more nodes of the decoding step's graph per product.
+    (out,) = kernel(
         inputs=[x, w, scales, biases],
         template=[("BITS", bits), ("GROUP", group_size), ("N", output_rows), ("K", input_dims),
                   ("RT", plan["RT"]), ("KSPLIT", plan["KSPLIT"]),
@@ -420,7 +435,7 @@ def few_row_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array,
         grid=(plan["blocks"] * threads, 1, 1),
         threadgroup=(threads, 1, 1),
         output_shapes=[(*x.shape[:-1], output_rows // 2 if gated else output_rows)],
-        output_dtypes=[out_dtype],
+        output_dtypes=[result_dtype(x.dtype, scales.dtype)],
     )
     return out
 

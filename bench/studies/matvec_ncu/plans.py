@@ -1,22 +1,13 @@
 """Under ncu (-k regex:few_rows|stream_read, gpu__time_duration): every 12B product with the old source (29b7511)
 and the lean one (this tree), at several launch plans, 3 launches each; a stream over W's words as the floor.
 Prints LABEL lines: kernel name -> what it is, and each variant's error against the dequantized product."""
-import math
 import sys
 sys.path.insert(0, "bench/studies/matvec_ncu")
 import mlx.core as mx
+import mlx.nn as nn
 import variants as v
 from mlx_gemma4 import quantized_matvec as qm
-G, SM = 64, 132
-
-
-def plan(rt, ks, st, M, N, K, bits=4):
-    load_words = min(4, G * bits // 128)
-    stage = 16 * rt * (16 * load_words + 8)
-    cols = 8 if M <= 8 else 16
-    return lambda *a: {"RT": rt, "KSPLIT": ks, "STAGES": st, "NT": cols // 8, "blocks": math.ceil(N / (16 * rt)),
-                       "shared_bytes": max(ks * st * stage, ks * 16 * rt * cols * 4)}
-
+G = 64
 
 FEW = [(2, 8, 4), (2, 16, 4), (1, 16, 4), (2, 16, 2)]
 SHAPES = [("gate+up gated", 30720, 3840, True, [("old", (2, 4, 4)), ("lean", (2, 4, 4))]),
@@ -38,7 +29,6 @@ for name, N, K, gated, cands in SHAPES:
         ref = qm.reference_quantized_matmul(x, w, s, b, G, 4).astype(mx.float32)
         if gated:
             g_, u_ = mx.split(ref.astype(mx.bfloat16).astype(mx.float32), 2, axis=-1)
-            import mlx.nn as nn
             ref = nn.gelu_approx(g_) * u_
         outs = {}
         for src, p in cands:
@@ -48,7 +38,7 @@ for name, N, K, gated, cands in SHAPES:
             kname = (f"gemma4_few_rows_{src}_4_{G}_{N}_{K}_{p[0]}_{p[1]}_{p[2]}_{1 if M <= 8 else 2}_t_"
                      f"{'t' if gated else 'f'}")
             for _ in range(3):
-                out = v.matmul(src, x, w, s, b, G, 4, gated=gated, plan_fn=plan(*p, M, N, K))
+                out = v.matmul(src, x, w, s, b, G, 4, gated=gated, tiles_split_stages=p)
                 mx.eval(out)
             err = (mx.linalg.norm(out.astype(mx.float32) - ref) / mx.linalg.norm(ref)).item()
             outs[(src, p)] = out

@@ -81,19 +81,14 @@ def kernel(variant: str, shared_bytes: int):
                                shared_memory=shared_bytes)
 
 
-def matmul(variant, x, w, scales, biases, group_size, bits, gated=False, plan_fn=None):
-    output_rows, input_dims = w.shape[0], x.shape[-1]
-    plan = (plan_fn or qm.launch_plan)(output_rows, input_dims, bits, group_size, math.prod(x.shape[:-1]))
-    threads = 32 * plan["KSPLIT"]
-    (out,) = kernel(variant, plan["shared_bytes"])(
-        inputs=[x, w, scales, biases],
-        template=[("BITS", bits), ("GROUP", group_size), ("N", output_rows), ("K", input_dims), ("RT", plan["RT"]),
-                  ("KSPLIT", plan["KSPLIT"]), ("STAGES", plan["STAGES"]), ("NT", plan["NT"]),
-                  ("X_BF16", x.dtype == mx.bfloat16), ("GATED", gated)],
-        grid=(plan["blocks"] * threads, 1, 1), threadgroup=(threads, 1, 1),
-        output_shapes=[(*x.shape[:-1], output_rows // 2 if gated else output_rows)],
-        output_dtypes=[qm.result_dtype(x.dtype, scales.dtype)])
-    return out
+def matmul(variant, x, w, scales, biases, group_size, bits, gated=False, tiles_split_stages=None):
+    """The product through `variant`'s source, by the package's launch plan or by (RT, KSPLIT, STAGES)."""
+    rows_of_x = math.prod(x.shape[:-1])
+    if tiles_split_stages is None:
+        plan = qm.launch_plan(w.shape[0], x.shape[-1], bits, group_size, rows_of_x)
+    else:
+        plan = qm.sized_plan(w.shape[0], bits, group_size, rows_of_x, *tiles_split_stages)
+    return qm.launch(kernel(variant, plan["shared_bytes"]), plan, x, w, scales, biases, group_size, bits, gated)
 
 
 # The floor in this harness: one pass over W's words with 16-byte loads, four in flight per thread, nothing else.
