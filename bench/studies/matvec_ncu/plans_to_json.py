@@ -1,20 +1,17 @@
 """Join plans.py's LABEL lines with ncu's raw CSV: median duration per labelled product, GB/s over the fewest bytes.
 python bench/studies/matvec_ncu/plans_to_json.py PLANS_STDOUT PLANS.csv OUT.json"""
-import csv
+import json
 import re
 import statistics
 import sys
-import json
+
+from ncu_csv import launches
+
 labels = [line.strip().split(" ", 1)[1].split("|") for line in open(sys.argv[1]) if line.startswith("LABEL ")]
-rows = list(csv.reader(open(sys.argv[2])))
-start = next(i for i, r in enumerate(rows) if "Kernel Name" in r)
-head = rows[start]
-ki, ti = head.index("Kernel Name"), head.index("gpu__time_duration.sum")
-unit = rows[start + 1][ti]
+unit, data = launches(sys.argv[2])
 times = {}
-for r in rows[start + 2:]:
-    if len(r) == len(head):
-        times.setdefault(re.sub(r"^custom_kernel_", "", r[ki].split("(")[0]), []).append(float(r[ti].replace(",", "")))
+for kernel, duration in data:
+    times.setdefault(re.sub(r"^custom_kernel_", "", kernel), []).append(duration)
 scale = {"ns": 1e-3, "usecond": 1.0, "us": 1.0, "nsecond": 1e-3}[unit]
 SH = {"gate+up gated": (30720, 3840), "down": (3840, 15360), "o sliding": (3840, 4096), "qkv sliding": (8192, 3840),
       "qk full": (8704, 3840), "o full": (3840, 8192), "lm head": (262144, 3840)}
