@@ -218,10 +218,40 @@ SOURCE = r"""
       #pragma unroll
       for (int i = 0; i < 4; ++i) total[r][n][i] = 0.0f;
 
+  // The lane's pieces of x for a chunk (its 8 values of each word of codes, for its row of x), loaded a chunk ahead:
+  // x comes from L1 or L2, and a load issued just before the products left each chunk waiting for it.
+  uint4 x_next4[LOAD_WORDS][NT];
+  uint2 x_next2[LOAD_WORDS][NT];
+  auto load_x = [&](int i) {
+    const int c = warp + i * KSPLIT;
+    #pragma unroll
+    for (int j = 0; j < LOAD_WORDS; ++j)
+      #pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        const int m = n * 8 + g;
+        const int k = c * CHUNK + t * CODES_PER_LANE + j * CODES_PER_WORD;  // this lane's codes of word j
+        const bool live = m < M && i < my_chunks;
+        if constexpr (BITS == 4)
+          x_next4[j][n] = live ? __ldg(reinterpret_cast<const uint4*>(x + (size_t)m * K + k)) : make_uint4(0, 0, 0, 0);
+        else
+          x_next2[j][n] = live ? __ldg(reinterpret_cast<const uint2*>(x + (size_t)m * K + k)) : make_uint2(0, 0);
+      }
+  };
+  load_x(0);
   #pragma unroll
   for (int i = 0; i < STAGES - 1; ++i) fetch(i);
   for (int i = 0; i < my_chunks; ++i) {
     fetch(i + STAGES - 1);
+    uint4 x_now4[LOAD_WORDS][NT];
+    uint2 x_now2[LOAD_WORDS][NT];
+    #pragma unroll
+    for (int j = 0; j < LOAD_WORDS; ++j)
+      #pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        x_now4[j][n] = x_next4[j][n];
+        x_now2[j][n] = x_next2[j][n];
+      }
+    load_x(i + 1);
     wait_copies<STAGES - 1>();
     __syncwarp();  // every lane's copies of stage i have landed
     const int c = warp + i * KSPLIT;
@@ -252,14 +282,10 @@ SOURCE = r"""
       }
     #pragma unroll
     for (int j = 0; j < LOAD_WORDS; ++j) {
-      const int k = c * CHUNK + t * CODES_PER_LANE + j * CODES_PER_WORD;  // this lane's codes of word j
       if constexpr (BITS == 4) {
         uint4 xs[NT];
         #pragma unroll
-        for (int n = 0; n < NT; ++n) {
-          const int m = n * 8 + g;
-          xs[n] = m < M ? __ldg(reinterpret_cast<const uint4*>(x + (size_t)m * K + k)) : make_uint4(0, 0, 0, 0);
-        }
+        for (int n = 0; n < NT; ++n) xs[n] = x_now4[j][n];
         #pragma unroll
         for (int step = 0; step < 2; ++step) {
           uint32_t b0[NT], b1[NT];
@@ -285,8 +311,7 @@ SOURCE = r"""
         uint32_t b0[NT], b1[NT];
         #pragma unroll
         for (int n = 0; n < NT; ++n) {
-          const int m = n * 8 + g;
-          const uint2 xv = m < M ? __ldg(reinterpret_cast<const uint2*>(x + (size_t)m * K + k)) : make_uint2(0, 0);
+          const uint2 xv = x_now2[j][n];
           b0[n] = xv.x;
           b1[n] = xv.y;
         }
