@@ -47,6 +47,9 @@ FLOAT_DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 # multiprocessor and ncu read down at 20% of the card's bandwidth (bench/results/h200-matvec-ncu-29b7511.json);
 # with 16, down took 23.5 us against 34.8 and o 10.2 against 12.0 at one row (bench/results/h200-matvec-ncu-plans.json).
 MULTIPROCESSORS = 132
+# Two tiles a warp, or one where even its blocks of two would not give every multiprocessor one (the 12B's down and
+# o: 240 blocks instead of 120; ncu timed down at 20.6 us against 23.5 with 16 warps a block,
+# bench/results/h200-matvec-ncu-plans.json). A gated product always takes two: a tile of gate rows, one of up.
 TILES_PER_WARP = 2
 # Shared memory for a block's rings: up to MAX_STAGES chunks a warp, within this much.
 SHARED_BYTES = 100 << 10
@@ -218,10 +221,40 @@ SOURCE = r"""
       #pragma unroll
       for (int i = 0; i < 4; ++i) total[r][n][i] = 0.0f;
 
+  // The lane's pieces of x for a chunk (its 8 values of each word of codes, for its row of x), loaded a chunk ahead:
+  // x comes from L1 or L2, and a load issued just before the products left each chunk waiting for it.
+  uint4 x_next4[LOAD_WORDS][NT];
+  uint2 x_next2[LOAD_WORDS][NT];
+  auto load_x = [&](int i) {
+    const int c = warp + i * KSPLIT;
+    #pragma unroll
+    for (int j = 0; j < LOAD_WORDS; ++j)
+      #pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        const int m = n * 8 + g;
+        const int k = c * CHUNK + t * CODES_PER_LANE + j * CODES_PER_WORD;  // this lane's codes of word j
+        const bool live = m < M && i < my_chunks;
+        if constexpr (BITS == 4)
+          x_next4[j][n] = live ? __ldg(reinterpret_cast<const uint4*>(x + (size_t)m * K + k)) : make_uint4(0, 0, 0, 0);
+        else
+          x_next2[j][n] = live ? __ldg(reinterpret_cast<const uint2*>(x + (size_t)m * K + k)) : make_uint2(0, 0);
+      }
+  };
+  load_x(0);
   #pragma unroll
   for (int i = 0; i < STAGES - 1; ++i) fetch(i);
   for (int i = 0; i < my_chunks; ++i) {
     fetch(i + STAGES - 1);
+    uint4 x_now4[LOAD_WORDS][NT];
+    uint2 x_now2[LOAD_WORDS][NT];
+    #pragma unroll
+    for (int j = 0; j < LOAD_WORDS; ++j)
+      #pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        x_now4[j][n] = x_next4[j][n];
+        x_now2[j][n] = x_next2[j][n];
+      }
+    load_x(i + 1);
     wait_copies<STAGES - 1>();
     __syncwarp();  // every lane's copies of stage i have landed
     const int c = warp + i * KSPLIT;
@@ -252,14 +285,10 @@ SOURCE = r"""
       }
     #pragma unroll
     for (int j = 0; j < LOAD_WORDS; ++j) {
-      const int k = c * CHUNK + t * CODES_PER_LANE + j * CODES_PER_WORD;  // this lane's codes of word j
       if constexpr (BITS == 4) {
         uint4 xs[NT];
         #pragma unroll
-        for (int n = 0; n < NT; ++n) {
-          const int m = n * 8 + g;
-          xs[n] = m < M ? __ldg(reinterpret_cast<const uint4*>(x + (size_t)m * K + k)) : make_uint4(0, 0, 0, 0);
-        }
+        for (int n = 0; n < NT; ++n) xs[n] = x_now4[j][n];
         #pragma unroll
         for (int step = 0; step < 2; ++step) {
           uint32_t b0[NT], b1[NT];
@@ -285,8 +314,7 @@ SOURCE = r"""
         uint32_t b0[NT], b1[NT];
         #pragma unroll
         for (int n = 0; n < NT; ++n) {
-          const int m = n * 8 + g;
-          const uint2 xv = m < M ? __ldg(reinterpret_cast<const uint2*>(x + (size_t)m * K + k)) : make_uint2(0, 0);
+          const uint2 xv = x_now2[j][n];
           b0[n] = xv.x;
           b1[n] = xv.y;
         }
@@ -372,13 +400,16 @@ def few_row_kernel(shared_bytes: int):
     )
 
 
-def launch_plan(output_rows: int, input_dims: int, bits: int, group_size: int, rows_of_x: int) -> dict:
-    """Template ints for one product: TILES_PER_WARP 16-row tiles per warp (RT); how K is split among a
+def launch_plan(output_rows: int, input_dims: int, bits: int, group_size: int, rows_of_x: int,
+                gated: bool = False) -> dict:
+    """Template ints for one product: 16-row tiles per warp (RT, see TILES_PER_WARP); how K is split among a
     block's warps (KSPLIT) follows W's shape and format alone, never the number of rows of x, so that each row's sum
     keeps its order; each warp's ring gets as many stages (STAGES) as the shared memory holds, up to MAX_STAGES."""
     load_words = min(4, group_size * bits // 128)  # per lane and chunk; a chunk spans at most one group
     chunks = input_dims // (4 * load_words * 32 // bits)
     tiles = TILES_PER_WARP
+    if not gated and math.ceil(output_rows / (16 * tiles)) <= MULTIPROCESSORS:
+        tiles = 1
     split = min(4 if math.ceil(output_rows / (16 * tiles)) >= 4 * MULTIPROCESSORS else 16, chunks)
     stages = max(2, min(MAX_STAGES, SHARED_BYTES // (split * stage_bytes(tiles, bits, group_size))))
     return sized_plan(output_rows, bits, group_size, rows_of_x, tiles, split, stages)
@@ -417,7 +448,7 @@ def uses_kernel(x: mx.array, w: mx.array, scales: mx.array, biases, group_size: 
 def few_row_matmul(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int,
                    gated: bool = False):
     """x @ W^T; `gated` (W a stacked [gate | up] projection, as gates_in_kernel allows): gelu_tanh(gate) * up."""
-    plan = launch_plan(w.shape[0], x.shape[-1], bits, group_size, math.prod(x.shape[:-1]))
+    plan = launch_plan(w.shape[0], x.shape[-1], bits, group_size, math.prod(x.shape[:-1]), gated)
     return launch(few_row_kernel(plan["shared_bytes"]), plan, x, w, scales, biases, group_size, bits, gated)
 
 
@@ -444,7 +475,7 @@ def gates_in_kernel(x: mx.array, w: mx.array, scales: mx.array, biases, group_si
     """The rule for gating a stacked [gate | up] product in the kernel: the kernel's rule, GATE_SWITCH not off, and
     halves of whole 16-row tiles (each block pairs a tile of gate rows with the same rows of up)."""
     return (switched_on(GATE_SWITCH) and uses_kernel(x, w, scales, biases, group_size, bits, mode)
-            and w.shape[0] % 32 == 0 and TILES_PER_WARP == 2)
+            and w.shape[0] % 32 == 0)
 
 
 def gated_quantized_matmul(x, w, scales, biases, group_size: int, bits: int):
