@@ -81,6 +81,8 @@ def summarise(runs: list) -> dict:
 def measure(runtime, prompt: list, gen_tokens: int, repeat: int, warm_up: bool = True, **options) -> dict:
     """`options` go to the runtime's generate_step (KV quantization)."""
     if warm_up:
+        if runtime.warm_up is not None:
+            runtime.warm_up(prompt)
         one_run(runtime, prompt, gen_tokens, options)
     return summarise([one_run(runtime, prompt, gen_tokens, options) for _ in range(repeat)])
 

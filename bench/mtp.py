@@ -28,7 +28,43 @@ def speculative_runtime(model, drafter, num_draft_tokens=None, statistics=None) 
                                          prompt_cache=cache, statistics=statistics)
 
     label = "adaptive K" if num_draft_tokens is None else f"K={num_draft_tokens}"
-    return Runtime(f"ours + MTP ({label})", model, steps, model.make_cache)
+    warm_up = (lambda prompt: run_every_pass_length(model, prompt)) if num_draft_tokens is None else None
+    return Runtime(f"ours + MTP ({label})", model, steps, model.make_cache, warm_up)
+
+
+def run_every_pass_length(model, prompt: list):
+    """Runs a target pass of every length the adaptive policy may choose (1 to MAX_DRAFT_TOKENS + 1 tokens) after
+    `prompt`, so that each is traced, and on CUDA its kernels compiled, before the timed runs: an untimed run reaches
+    only the lengths its policy tried, and a new one met in a timed repeat took seconds (the repeats at 4.7-8.3 tok/s
+    of adaptive rows in bench/results/h200-12b-4bit-decode-512-*.json)."""
+    from mlx_gemma4.decode_step import decode_step
+    from mlx_gemma4.draft_policy import MAX_DRAFT_TOKENS
+
+    cache = prefilled_cache(model, prompt)
+    step = decode_step(model, cache, return_hidden=True)  # as the speculative loop makes it
+    longest = MAX_DRAFT_TOKENS + 1
+    tokens = mx.array((prompt * longest)[:longest])[None]
+    for count in range(1, longest + 1):
+        target_pass(step, cache, tokens, count)()
+
+
+def prefilled_cache(model, prompt: list) -> list:
+    cache = model.make_cache()
+    for start in range(0, len(prompt), PREFILL_STEP_SIZE):
+        model(mx.array(prompt[start:start + PREFILL_STEP_SIZE])[None], cache=cache)
+        mx.eval([c.state for c in cache])
+    return cache
+
+
+def target_pass(step, cache: list, tokens: mx.array, count: int):
+    """A call running `step` over the first `count` of `tokens` and taking them back out of `cache`."""
+    def call():
+        outputs = step(tokens[:, :count])
+        mx.eval(outputs)
+        for layer_cache in cache:
+            layer_cache.trim(count)
+        return outputs
+    return call
 
 
 def median_seconds(call) -> float:
@@ -46,23 +82,10 @@ def cost_model(model, drafter, prompt: list) -> dict:
     from mlx_gemma4.decode_step import decode_step
     from mlx_gemma4.speculative import assistant_view, store_caches
 
-    cache = model.make_cache()
-    for start in range(0, len(prompt), PREFILL_STEP_SIZE):
-        model(mx.array(prompt[start:start + PREFILL_STEP_SIZE])[None], cache=cache)
-        mx.eval([c.state for c in cache])
+    cache = prefilled_cache(model, prompt)
     tokens = mx.array(prompt[:MAX_VERIFY_TOKENS])[None]
     step = decode_step(model, cache)
-
-    def target_pass(count: int):
-        def call():
-            logits = step(tokens[:, :count])
-            mx.eval(logits)
-            for layer_cache in cache:
-                layer_cache.trim(count)
-            return logits
-        return call
-
-    target = [median_seconds(target_pass(k)) for k in range(1, MAX_VERIFY_TOKENS + 1)]
+    target = [median_seconds(target_pass(step, cache, tokens, k)) for k in range(1, MAX_VERIFY_TOKENS + 1)]
     result = {"depth": len(prompt), "target_pass_tokens": list(range(1, MAX_VERIFY_TOKENS + 1)),
               "target_pass_seconds": target, "relative_target_cost": [t / target[0] for t in target]}
     draft = None

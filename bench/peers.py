@@ -11,7 +11,7 @@ timed through its own fastest generation loop (all three queue the next step wit
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import mlx.core as mx
 
@@ -28,6 +28,8 @@ class Runtime:
     # the generate_step keywords both we and mlx-lm take (kv_bits, kv_group_size, quantized_kv_start)
     steps: Callable[..., Iterator]
     make_cache: Callable[[], list]
+    # warm_up(prompt ids): compiles what one untimed run may not reach (adaptive MTP's every verify pass length)
+    warm_up: Optional[Callable[[list], None]] = None
 
 
 def ours(model) -> Runtime:

@@ -150,6 +150,18 @@ def test_controlled_acceptance_runs_with_adaptive_and_fixed_draft_lengths(tmp_pa
     assert fixed["tokens_per_target_pass"] > 2
 
 
+def test_adaptive_mtp_runs_every_verify_pass_length_before_it_is_timed():
+    from mtp import speculative_runtime
+
+    from mlx_gemma4.draft_policy import MAX_DRAFT_TOKENS
+
+    model, _ = build_random_model("tiny", 32, seed=2)
+    assert speculative_runtime(model, None, 2).warm_up is None  # one untimed run meets every length a fixed K takes
+    speculative_runtime(model, None, None).warm_up(list(range(10, 50)))
+    traced_lengths = {tokens for _, tokens in model.compiled_steps.functions}
+    assert traced_lengths == set(range(1, MAX_DRAFT_TOKENS + 2))
+
+
 def test_quality_study_scores_dequantized_weights_that_compute_the_quantized_model():
     sys.path.insert(0, str(BENCH / "studies"))
     from quant_quality import dequantized
