@@ -8,7 +8,10 @@ from functools import lru_cache
 import mlx.core as mx
 from mlx_gemma4 import quantized_matvec as qm
 
-OLD_SOURCE_FILE = os.path.join(os.environ.get("OLD_PACKAGE", "/tmp/pkg-29b7511"), "mlx_gemma4/quantized_matvec.py")
+OLD_PACKAGE = os.environ.get("OLD_PACKAGE", "/tmp/pkg-29b7511")
+# The kernel's source sits in quantized_matvec_source.py since f7441d5, in quantized_matvec.py before.
+OLD_SOURCE_FILE = next(path for name in ("quantized_matvec_source.py", "quantized_matvec.py")
+                       for path in [os.path.join(OLD_PACKAGE, "mlx_gemma4", name)] if os.path.exists(path))
 
 
 def _replace(text, old, new):
@@ -19,8 +22,7 @@ def _replace(text, old, new):
 # x for chunk i + 1 is loaded while chunk i is multiplied: 29b7511's kernel loads x inside the chunk's loop, so
 # every chunk waits for an L1/L2 round trip before its first product.
 OLD = open(OLD_SOURCE_FILE).read().split('SOURCE = r"""')[1].split('"""')[0]
-XPF = OLD
-XPF = _replace(XPF, """  #pragma unroll
+X_AHEAD_PATCHES = [("""  #pragma unroll
   for (int i = 0; i < STAGES - 1; ++i) fetch(i);
 """, """  uint4 x_next4[LOAD_WORDS][NT];
   uint2 x_next2[LOAD_WORDS][NT];
@@ -42,8 +44,8 @@ XPF = _replace(XPF, """  #pragma unroll
   load_x(0);
   #pragma unroll
   for (int i = 0; i < STAGES - 1; ++i) fetch(i);
-""")
-XPF = _replace(XPF, """    fetch(i + STAGES - 1);
+"""),
+                   ("""    fetch(i + STAGES - 1);
     wait_copies<STAGES - 1>();
 """, """    fetch(i + STAGES - 1);
     uint4 x_now4[LOAD_WORDS][NT];
@@ -57,28 +59,37 @@ XPF = _replace(XPF, """    fetch(i + STAGES - 1);
       }
     load_x(i + 1);
     wait_copies<STAGES - 1>();
-""")
-XPF = _replace(XPF, """        for (int n = 0; n < NT; ++n) {
+"""),
+                   ("""        for (int n = 0; n < NT; ++n) {
           const int m = n * 8 + g;
           xs[n] = m < M ? __ldg(reinterpret_cast<const uint4*>(x + (size_t)m * K + k)) : make_uint4(0, 0, 0, 0);
         }
 """, """        for (int n = 0; n < NT; ++n) xs[n] = x_now4[j][n];
-""")
-XPF = _replace(XPF, """          const int m = n * 8 + g;
+"""),
+                   ("""          const int m = n * 8 + g;
           const uint2 xv = m < M ? __ldg(reinterpret_cast<const uint2*>(x + (size_t)m * K + k)) : make_uint2(0, 0);
 """, """          const uint2 xv = x_now2[j][n];
-""")
-XPF = _replace(XPF, "      const int k = c * CHUNK + t * CODES_PER_LANE + j * CODES_PER_WORD;"
-                    "  // this lane's codes of word j\n", "")
+"""),
+                   ("      const int k = c * CHUNK + t * CODES_PER_LANE + j * CODES_PER_WORD;"
+                    "  // this lane's codes of word j\n", "")]
 
-SOURCES = {"xpf": XPF, "old": OLD, "lean": qm.SOURCE}
+
+def x_prefetched(source: str) -> str:
+    """`source` (29b7511's or 709daf0's) with x loaded a chunk ahead, as this tree's source now does."""
+    for old, new in X_AHEAD_PATCHES:
+        source = _replace(source, old, new)
+    return source
+
+
+# Made on first use: the patches apply only to sources from before x was loaded ahead.
+SOURCES = {"xpf": lambda: x_prefetched(OLD), "old": lambda: OLD, "lean": lambda: qm.SOURCE}
 
 
 @lru_cache(maxsize=None)
 def kernel(variant: str, shared_bytes: int):
     return mx.fast.cuda_kernel(name=f"gemma4_few_rows_{variant}", input_names=["x", "w", "scales", "biases"],
-                               output_names=["out"], source=qm.compact(SOURCES[variant]), header=qm.compact(qm.HEADER),
-                               shared_memory=shared_bytes)
+                               output_names=["out"], source=qm.compact(SOURCES[variant]()),
+                               header=qm.compact(qm.HEADER), shared_memory=shared_bytes)
 
 
 def matmul(variant, x, w, scales, biases, group_size, bits, gated=False, tiles_split_stages=None):
