@@ -1,6 +1,8 @@
 """How many nodes does a compiled decoding step hand MLX, by kind, on the CUDA path? Counted on any machine: our CUDA
 kernels are stood in for by one node each (zeros made to depend on the kernel's inputs, MLX's `Depends`), and the
-step's graph is read with mx.export_to_dot, never evaluated.
+step's graph is read with mx.export_to_dot, never evaluated. On the CPU, MLX's fast operations (mx.fast.rms_norm,
+mx.fast.rope) are recorded as the several operations of their fallbacks, where CUDA has one node each: a step of ours
+has one of them (the first layer's input norm), a draft step of the assistant several.
 
     python bench/studies/step_graph_nodes.py --random medium --json bench/results/cpu-step-graph-nodes-medium.json
 
