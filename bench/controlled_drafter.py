@@ -37,8 +37,14 @@ class ControlledDrafter:
             return right
         return (right + 1 + self.random.randrange(self.vocab_size - 1)) % self.vocab_size
 
-    def __call__(self, embedding, state, target_kv: dict, position: int, masks=None):
-        logits, state = self.drafter(embedding, state, target_kv, position, masks)
+    def compiled_step(self):
+        """The wrapped drafter's compiled step (what the speculative loop runs), each draft's logits replaced by
+        ones that pick this drafter's proposal."""
+        inner = self.drafter.compiled_step()
+        return lambda embedding, state, target_kv, position, masks: self.controlled(
+            *inner(embedding, state, target_kv, position, masks), position)
+
+    def controlled(self, logits, state, position: int):
         token = self.proposal(position)
         chosen = mx.where(mx.arange(self.vocab_size) == token, CHOSEN_LOGIT, -CHOSEN_LOGIT)
         # `logits * 0` keeps the assistant's own work in the graph, so the draft is computed (and paid for).

@@ -153,14 +153,15 @@ def assistant_view(stores: dict, position: int) -> tuple:
     return buffers, masks
 
 
-def draft(drafter, embed, token: mx.array, hidden: mx.array, stores: dict, position: int, k: int, sampling_logprobs):
-    """k tokens chained from one position: each step feeds the drafter its own projected state and the target's
-    embedding of the token it just proposed. Returns the tokens (each (1, 1)) and, when sampling, their
-    distributions."""
+def draft(draft_step, embed, token: mx.array, hidden: mx.array, stores: dict, position: int, k: int,
+          sampling_logprobs):
+    """k tokens chained from one position: each step feeds the drafter (`draft_step`: its compiled_step(), or the
+    drafter itself) its own projected state and the target's embedding of the token it just proposed. Returns the
+    tokens (each (1, 1)) and, when sampling, their distributions."""
     buffers, masks = assistant_view(stores, position)
     current, state, tokens, distributions = token, hidden, [], []
     for _ in range(k):
-        logits, state = drafter(embed(current), state, buffers, position, masks)
+        logits, state = draft_step(embed(current), state, buffers, position, masks)
         if sampling_logprobs is None:
             current = mx.argmax(logits[:, -1], axis=-1, keepdims=True)
         else:
@@ -233,7 +234,7 @@ def speculative_generate_step(
         if k == 0:
             return plain_round(token)
         with mx.stream(generation_stream):
-            drafts, distributions = draft(drafter, embed, token, hidden, stores, cache[0].offset, k,
+            drafts, distributions = draft(draft_step, embed, token, hidden, stores, cache[0].offset, k,
                                           sampling_logprobs)
             if drafts:
                 mx.async_eval(drafts)  # the assistant runs while the verify pass is being built
@@ -250,6 +251,7 @@ def speculative_generate_step(
     recorder = LastHiddenRecorder(model)
     first, first_logprobs = prefill(prompt, recorder, cache, sampler, prefill_step_size, **model_inputs)
     target_step = decode_step(model, cache, return_hidden=True)  # plain steps and verify passes, compiled
+    draft_step = drafter.compiled_step()  # its weights checked once, here
     current = start_round(first[None], recorder.last_hidden, policy.next(max_tokens - 1))
     yield from handed_out(cache, [(first.item(), first_logprobs, False)], [current.k])
     produced, next_clear = 1, CLEAR_CACHE_EVERY

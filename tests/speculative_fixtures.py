@@ -83,6 +83,9 @@ class ScriptedDrafter:
         self.position, self.step = None, 0
         self.draft_policy = DraftPolicy()
 
+    def compiled_step(self):
+        return self  # the speculative loop calls it as a Drafter's compiled step
+
     def __call__(self, token_embedding, target_hidden, target_kv, position, masks=None):
         if position != self.position:
             self.position, self.step = position, 0

@@ -179,6 +179,9 @@ class FixedDistributionDrafter:
     def __init__(self, logits: mx.array):
         self.logits = logits
 
+    def compiled_step(self):
+        return self  # the speculative loop calls it as a Drafter's compiled step
+
     def __call__(self, token_embedding, target_hidden, target_kv, position, masks=None):
         return self.logits, target_hidden
 
@@ -241,6 +244,33 @@ def test_plain_rounds_sample_the_targets_filtered_distribution(pair, monkeypatch
         tokens = tuple(step[0] for step in steps)
         counts[tokens] = counts.get(tokens, 0) + 1
     assert total_variation(counts, exact) < TV_BOUND
+
+
+def test_the_drafters_weights_are_checked_once_a_generation_not_at_every_draft(pair, monkeypatch):
+    from mlx_gemma4.decode_step import CompiledSteps
+
+    model, processor, drafter, _ = pair
+    checked = []
+    check = CompiledSteps.drop_if_stale
+    monkeypatch.setattr(CompiledSteps, "drop_if_stale",
+                        lambda steps, module: (checked.append(module is drafter), check(steps, module))[1])
+    _, _, statistics = speculative_tokens(model, processor, drafter, num_draft_tokens=3)
+    assert statistics.drafted >= 6 and checked.count(True) == 1
+
+
+def test_a_drafter_whose_weights_were_replaced_traces_its_step_again(pair):
+    _, _, drafter, _ = pair
+    drafter.compiled_step()
+    traced = drafter.compiled_steps.functions["draft"]
+    drafter.compiled_step()
+    assert drafter.compiled_steps.functions["draft"] is traced  # same weights: the trace is kept
+    weight = drafter.pre_projection.weight
+    drafter.pre_projection.update({"weight": weight * 1.0})  # another array, as Module.update and load_weights make
+    try:
+        drafter.compiled_step()
+        assert drafter.compiled_steps.functions["draft"] is not traced
+    finally:
+        drafter.pre_projection.update({"weight": weight})
 
 
 def test_window_ring_hands_out_the_window_after_appends_wraps_and_trims():
