@@ -156,9 +156,9 @@ class Attention(nn.Module):
 
         # Scale 1: q_norm already normalises the queries, as in the reference (`self.scaling = 1.0`).
         output = scaled_dot_product_attention(queries, keys, values, mask)
+        # One query (a decoding step) needs no transpose: (batch, heads, 1, head_dim) reshapes straight to (batch, 1,
+        # heads * head_dim), the same numbers in the same order, and a step's graph has a node fewer a layer.
         if length > 1:
-            # One query (a decoding step): (batch, heads, 1, head_dim) reshapes straight to (batch, 1, heads *
-            # head_dim), the same numbers in the same order, and a step's graph has a node fewer a layer.
             output = output.transpose(0, 2, 1, 3)
         return self.o_proj(output.reshape(batch, length, -1))
 

@@ -125,9 +125,9 @@ class Drafter(nn.Module):
 
     def compiled_step(self):
         """A function with __call__'s arguments (`masks` given) that runs the draft step as one compiled function
-        with the weights the drafter holds now. Checking them walks every parameter (about a millisecond on a 2-core
-        CPU for the random assistant), so the speculative loop makes one of these per generation, as decode_step does
-        for the target, rather than checking at every draft."""
+        with the weights the drafter holds now. Checking them walks every parameter (0.18 ms on a 2-core CPU for a
+        random assistant of the 12B's shape), so the speculative loop makes one of these per generation, as
+        decode_step does for the target, rather than checking at every draft."""
         self.compiled_steps.drop_if_stale(self)
         if "draft" not in self.compiled_steps.functions:
             self.compiled_steps.functions["draft"] = mx.compile(self.step)
