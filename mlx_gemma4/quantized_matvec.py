@@ -76,8 +76,7 @@ def launch_plan(output_rows: int, input_dims: int, bits: int, group_size: int, r
     """Template ints for one product: 16-row tiles per warp (RT, see TILES_PER_WARP); how K is split among a
     block's warps (KSPLIT) follows W's shape and format alone, never the number of rows of x, so that each row's sum
     keeps its order; each warp's ring gets as many stages (STAGES) as the shared memory holds, up to MAX_STAGES."""
-    load_words = min(4, group_size * bits // 128)  # per lane and chunk; a chunk spans at most one group
-    chunks = input_dims // (4 * load_words * 32 // bits)
+    chunks = input_dims // (4 * load_words(bits, group_size) * 32 // bits)
     tiles = TILES_PER_WARP
     if not gated and math.ceil(output_rows / (16 * tiles)) <= MULTIPROCESSORS:
         tiles = 1
@@ -86,10 +85,14 @@ def launch_plan(output_rows: int, input_dims: int, bits: int, group_size: int, r
     return sized_plan(output_rows, bits, group_size, rows_of_x, tiles, split, stages)
 
 
+def load_words(bits: int, group_size: int) -> int:
+    """32-bit words of a row a lane copies per chunk (the kernel's LOAD_WORDS): a chunk spans at most one group."""
+    return min(4, group_size * bits // 128)
+
+
 def stage_bytes(tiles: int, bits: int, group_size: int) -> int:
     """A stage of a warp's ring: its rows' chunk of weights, then a 32-bit word of scales and one of biases a row."""
-    load_words = min(4, group_size * bits // 128)
-    return 16 * tiles * (16 * load_words + 8)
+    return 16 * tiles * (16 * load_words(bits, group_size) + 8)
 
 
 def sized_plan(output_rows: int, bits: int, group_size: int, rows_of_x: int, tiles: int, split: int,
