@@ -38,14 +38,18 @@ def weight_copies(output_rows: int, input_dims: int, bits: int) -> list:
     groups = input_dims // GROUP_SIZE
     one = output_rows * (words * 4 + groups * 4)
     copies = math.ceil(COPY_BYTES / one)
-    made = []
-    for _ in range(copies):
-        w = mx.random.randint(0, 2**31 - 1, (output_rows, words), dtype=mx.int32).view(mx.uint32)
-        scales = (mx.random.uniform(shape=(output_rows, groups)) * 0.01).astype(mx.bfloat16)
-        biases = (mx.random.uniform(shape=(output_rows, groups)) * -0.05).astype(mx.bfloat16)
-        made.append((w, scales, biases))
+    made = [random_weights(output_rows, input_dims, bits) for _ in range(copies)]
     mx.eval(made)
     return made
+
+
+def random_weights(output_rows: int, input_dims: int, bits: int) -> tuple:
+    """(packed W, scales, biases) of random codes in MLX's affine format, groups of GROUP_SIZE, not evaluated."""
+    words, groups = input_dims * bits // 32, input_dims // GROUP_SIZE
+    w = mx.random.randint(0, 2**31 - 1, (output_rows, words), dtype=mx.int32).view(mx.uint32)
+    scales = (mx.random.uniform(shape=(output_rows, groups)) * 0.01).astype(mx.bfloat16)
+    biases = (mx.random.uniform(shape=(output_rows, groups)) * -0.05).astype(mx.bfloat16)
+    return w, scales, biases
 
 
 def product_bytes(output_rows: int, input_dims: int, bits: int, rows: int) -> int:

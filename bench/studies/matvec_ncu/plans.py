@@ -5,9 +5,11 @@ loaded a chunk ahead and down and o took one tile a warp).
 Prints LABEL lines: kernel name -> what it is, and each variant's error against the dequantized product."""
 import sys
 sys.path.insert(0, "bench/studies/matvec_ncu")
+sys.path.insert(0, "bench")
 import mlx.core as mx
 import mlx.nn as nn
 import variants as v
+from matvec_table import random_weights
 from mlx_gemma4 import quantized_matvec as qm
 G = 64
 
@@ -31,9 +33,7 @@ X_AHEAD = [("gate+up gated", 30720, 3840, True, [("old", (2, 4, 4)), ("lean", (2
 COMPARISONS = {"lean": (LEAN, ((2, 8, 4), (2, 4, 4))), "x-ahead": (X_AHEAD, ())}
 SHAPES, OLD_AT_FOUR_ROWS = COMPARISONS[sys.argv[1] if len(sys.argv) > 1 else "lean"]
 for name, N, K, gated, cands in SHAPES:
-    w = mx.random.randint(0, 2**31 - 1, (N, K // 8), dtype=mx.int32).view(mx.uint32)
-    s = (mx.random.uniform(shape=(N, K // G)) * 0.01).astype(mx.bfloat16)
-    b = (mx.random.uniform(shape=(N, K // G)) * -0.05).astype(mx.bfloat16)
+    w, s, b = random_weights(N, K, 4)
     mx.eval(w, s, b)
     default = qm.launch_plan(N, K, 4, G, 1)
     default = (default["RT"], default["KSPLIT"], default["STAGES"])
