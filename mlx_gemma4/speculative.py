@@ -263,9 +263,10 @@ def speculative_generate_step(
             # A plain step rolls nothing back, so the next round can be queued on its still-lazy token before
             # this one is waited for, as generate_step pipelines.
             queued = start_round(current.fallback[None, :1], current.hidden, policy.next(max_tokens - produced - 1))
-        # Keep the drafts up to the first rejected one, then the target's own token there.
+        # Keep the drafts up to the first rejected one, then the target's own token there. (The list is indexed, not
+        # the array: `fallback[count].item()` would build and evaluate one more array every round.)
         count = (current.accepted.tolist() + [False]).index(False)
-        tokens = (current.drafts.tolist()[:count] + [current.fallback[count].item()])[: max_tokens - produced]
+        tokens = (current.drafts.tolist()[:count] + [current.fallback.tolist()[count]])[: max_tokens - produced]
         now = time.perf_counter()
         policy.record(current.k, count, now - clock)
         clock = now
