@@ -27,22 +27,25 @@ def speculative_runtime(model, drafter, num_draft_tokens=None, statistics=None) 
                                          num_draft_tokens=num_draft_tokens, prefill_step_size=PREFILL_STEP_SIZE,
                                          prompt_cache=cache, statistics=statistics)
 
-    label = "adaptive K" if num_draft_tokens is None else f"K={num_draft_tokens}"
-    warm_up = (lambda prompt: run_every_pass_length(model, prompt)) if num_draft_tokens is None else None
-    return Runtime(f"ours + MTP ({label})", model, steps, model.make_cache, warm_up)
-
-
-def run_every_pass_length(model, prompt: list):
-    """Runs a target pass of every length the adaptive policy may choose (1 to MAX_DRAFT_TOKENS + 1 tokens) after
-    `prompt`, so that each is traced, and on CUDA its kernels compiled, before the timed runs: an untimed run reaches
-    only the lengths its policy tried, and a new one met in a timed repeat took seconds (the repeats at 4.7-8.3 tok/s
-    of adaptive rows in bench/results/h200-12b-4bit-decode-512-*.json)."""
-    from mlx_gemma4.decode_step import decode_step
     from mlx_gemma4.draft_policy import MAX_DRAFT_TOKENS
+
+    label = "adaptive K" if num_draft_tokens is None else f"K={num_draft_tokens}"
+    longest = (MAX_DRAFT_TOKENS if num_draft_tokens is None else num_draft_tokens) + 1
+    return Runtime(f"ours + MTP ({label})", model, steps, model.make_cache,
+                   lambda prompt: run_every_pass_length(model, prompt, longest))
+
+
+def run_every_pass_length(model, prompt: list, longest: int):
+    """Runs a target pass of every length from 1 to `longest` tokens after `prompt`, so that each is traced, and on
+    CUDA its kernels compiled, before the timed runs. An untimed run reaches only the lengths it happened to meet:
+    the adaptive policy's tries, and with a fixed K the shorter passes that end a generation (K shrinks to the tokens
+    still wanted), which depend on where the accepted drafts fell. A new length met in a timed repeat costs a trace
+    (seconds where its kernels compile too): the adaptive repeats at 4.7-8.3 tok/s in
+    bench/results/h200-12b-4bit-decode-512-*.json."""
+    from mlx_gemma4.decode_step import decode_step
 
     cache = prefilled_cache(model, prompt)
     step = decode_step(model, cache, return_hidden=True)  # as the speculative loop makes it
-    longest = MAX_DRAFT_TOKENS + 1
     tokens = mx.array((prompt * longest)[:longest])[None]
     for count in range(1, longest + 1):
         target_pass(step, cache, tokens, count)()

@@ -28,7 +28,7 @@ class Runtime:
     # the generate_step keywords both we and mlx-lm take (kv_bits, kv_group_size, quantized_kv_start)
     steps: Callable[..., Iterator]
     make_cache: Callable[[], list]
-    # warm_up(prompt ids): compiles what one untimed run may not reach (adaptive MTP's every verify pass length)
+    # warm_up(prompt ids): compiles what one untimed run may not reach (MTP's every verify pass length)
     warm_up: Optional[Callable[[list], None]] = None
 
 

@@ -150,13 +150,15 @@ def test_controlled_acceptance_runs_with_adaptive_and_fixed_draft_lengths(tmp_pa
     assert fixed["tokens_per_target_pass"] > 2
 
 
-def test_adaptive_mtp_runs_every_verify_pass_length_before_it_is_timed():
+def test_mtp_rows_run_every_verify_pass_length_before_they_are_timed():
     from mtp import speculative_runtime
 
     from mlx_gemma4.draft_policy import MAX_DRAFT_TOKENS
 
     model, _ = build_random_model("tiny", 32, seed=2)
-    assert speculative_runtime(model, None, 2).warm_up is None  # one untimed run meets every length a fixed K takes
+    speculative_runtime(model, None, 2).warm_up(list(range(10, 50)))
+    # A fixed K of 2 passes 3 tokens, and 2 or 1 where a generation ends.
+    assert {tokens for _, tokens in model.compiled_steps.functions} == {1, 2, 3}
     speculative_runtime(model, None, None).warm_up(list(range(10, 50)))
     traced_lengths = {tokens for _, tokens in model.compiled_steps.functions}
     assert traced_lengths == set(range(1, MAX_DRAFT_TOKENS + 2))
