@@ -66,7 +66,7 @@ QKV_SOURCE = r"""
   using T = typename element_of<decltype(qkv)>::type;
   const int lane = threadIdx.x & 31;
   const int job = blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
-  const int tokens = qkv_shape[0], width = qkv_shape[1];
+  const int tokens = qkv_shape[1], width = qkv_shape[2];  // qkv is (1, tokens, width)
   if (job >= JOBS * tokens) return;
   const int token = job / JOBS, j = job % JOBS;
   int source;
@@ -263,7 +263,7 @@ def query_key_value(qkv: mx.array, heads: int, kv_heads: int, head_dim: int, key
     blocks = -(-jobs // warps_per_block)
     shapes = [(1, heads, tokens, head_dim), (1, kv_heads, tokens, head_dim), (1, kv_heads, tokens, head_dim)]
     return tuple(kernel("qkv_heads", eps)(
-        inputs=[qkv.reshape(tokens, -1), q_weight, k_weight, wavelengths, position],
+        inputs=[qkv, q_weight, k_weight, wavelengths, position],  # as it is: a reshape is one more node a layer
         template=[("D", head_dim), ("H", heads), ("KVH", kv_heads), ("KEYS_ARE_VALUES", keys_are_values)],
         grid=(blocks * 32 * warps_per_block, 1, 1),
         threadgroup=(32 * warps_per_block, 1, 1),
