@@ -8,6 +8,7 @@ mlx-lm has no MTP path: its speculative_generate_step needs a standalone draft L
 """
 
 from pathlib import Path
+from statistics import median
 
 from measure import log, measure
 from mlx_gemma4.json_files import read_json
@@ -45,6 +46,10 @@ def mtp_row(bench, runtime, config: str, figures: dict, statistics, num_draft_to
                acceptance_rate=statistics.acceptance_rate, tokens_per_target_pass=statistics.tokens_per_pass,
                draft_tokens_per_pass=statistics.drafted / statistics.target_passes if statistics.target_passes else 0.0,
                plain_decode_tps=plain_tps, speedup=row["decode_tps"] / plain_tps if plain_tps else None)
+    if statistics.round_seconds:  # our loop times its rounds; mlx-vlm's (counted by peers.py) does not
+        row["round_ms_by_draft_tokens"] = {
+            str(k): {"rounds": len(seconds), "median_ms": 1000 * median(seconds)}
+            for k, seconds in sorted(statistics.round_seconds.items())}
     return row
 
 

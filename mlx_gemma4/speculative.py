@@ -20,7 +20,7 @@ the next one. However the caller stops, `prompt_cache` is ready for the next tur
 """
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import mlx.core as mx
@@ -110,6 +110,9 @@ class DraftStatistics:
     accepted: int = 0  # draft tokens emitted
     target_passes: int = 0  # verify passes (the prefill not counted)
     emitted: int = 0  # tokens emitted by verify passes
+    # {K: wall seconds of each round of K drafts (0: a plain step)}, from the round's results being read to the
+    # next's: what a round of each length costs here, drafts, verify pass and the loop's own work together.
+    round_seconds: dict = field(default_factory=dict)
 
     @property
     def acceptance_rate(self) -> float:
@@ -269,6 +272,7 @@ def speculative_generate_step(
         tokens = (current.drafts.tolist()[:count] + [current.fallback.tolist()[count]])[: max_tokens - produced]
         now = time.perf_counter()
         policy.record(current.k, count, now - clock)
+        statistics.round_seconds.setdefault(current.k, []).append(now - clock)
         clock = now
         # Roll back exactly the rejected drafts: the caches then end at the last kept draft.
         for layer_cache in cache:

@@ -148,6 +148,10 @@ def test_controlled_acceptance_runs_with_adaptive_and_fixed_draft_lengths(tmp_pa
         assert row["tokens_agreeing_with_ours"] == row["generated_tokens"] == 12
     fixed = next(row for row in controlled if row["num_draft_tokens"] == 2)
     assert fixed["tokens_per_target_pass"] > 2
+    # Its rounds are timed by draft length: K = 2 throughout, shorter where a generation ends.
+    rounds = fixed["round_ms_by_draft_tokens"]
+    assert set(rounds) <= {"0", "1", "2"} and rounds["2"]["rounds"] >= 2
+    assert all(entry["median_ms"] > 0 for entry in rounds.values())
 
 
 def test_mtp_rows_run_every_verify_pass_length_before_they_are_timed():

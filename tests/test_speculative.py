@@ -70,6 +70,9 @@ def test_an_always_right_drafter_is_accepted_whole_and_matches(pair, num_draft_t
     if num_draft_tokens:
         # Every pass but the last yields its K drafts plus the target's own token.
         assert statistics.target_passes == -(-(GENERATED - 1) // (num_draft_tokens + 1))
+    # Every verify pass is timed once, under its draft length.
+    assert sum(len(seconds) for seconds in statistics.round_seconds.values()) == statistics.target_passes
+    assert all(second > 0 for seconds in statistics.round_seconds.values() for second in seconds)
 
 
 def test_an_always_wrong_drafter_is_never_accepted_and_matches(pair):
