@@ -38,23 +38,21 @@ def drafts(k):
     return tokens, 0
 
 
-def verify(rows):
-    logits, _ = target_step(mx.concatenate([token] * rows, axis=1))
+def verify_ids(ids):
+    """A verify pass over `ids` as the loop queues one: the target's step, its tokens and log-probabilities."""
+    logits, _ = target_step(ids)
     logits = logits[0]
-    return [mx.argmax(logits, axis=-1), logits - mx.logsumexp(logits, axis=-1, keepdims=True)], rows
+    return [mx.argmax(logits, axis=-1), logits - mx.logsumexp(logits, axis=-1, keepdims=True)], ids.shape[1]
+
+
+def verify(rows):
+    return verify_ids(mx.concatenate([token] * rows, axis=1))
 
 
 def round_of(k):
     tokens, _ = drafts(k)
     mx.async_eval(tokens)
-    outputs, _ = verify_ids(mx.concatenate([token] + tokens, axis=1))
-    return outputs, k + 1
-
-
-def verify_ids(ids):
-    logits, _ = target_step(ids)
-    logits = logits[0]
-    return [mx.argmax(logits, axis=-1), logits - mx.logsumexp(logits, axis=-1, keepdims=True)], ids.shape[1]
+    return verify_ids(mx.concatenate([token] + tokens, axis=1))
 
 
 pieces = {"plain step (verify 1 row)": lambda: verify(1), "draft step x1": lambda: drafts(1),
