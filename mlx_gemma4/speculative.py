@@ -271,9 +271,9 @@ def speculative_generate_step(
         count = (current.accepted.tolist() + [False]).index(False)
         tokens = (current.drafts.tolist()[:count] + [current.fallback.tolist()[count]])[: max_tokens - produced]
         now = time.perf_counter()
-        policy.record(current.k, count, now - clock)
-        statistics.round_seconds.setdefault(current.k, []).append(now - clock)
-        clock = now
+        round_time, clock = now - clock, now
+        policy.record(current.k, count, round_time)
+        statistics.round_seconds.setdefault(current.k, []).append(round_time)
         # Roll back exactly the rejected drafts: the caches then end at the last kept draft.
         for layer_cache in cache:
             layer_cache.trim(current.k - count)
