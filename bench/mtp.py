@@ -20,14 +20,13 @@ TIMED_CALLS = 15
 
 
 def speculative_runtime(model, drafter, num_draft_tokens=None, statistics=None) -> Runtime:
+    from mlx_gemma4.draft_policy import MAX_DRAFT_TOKENS
     from mlx_gemma4.speculative import speculative_generate_step
 
     def steps(prompt: list, max_tokens: int, cache: list):
         return speculative_generate_step(mx.array(prompt), model, drafter, max_tokens=max_tokens,
                                          num_draft_tokens=num_draft_tokens, prefill_step_size=PREFILL_STEP_SIZE,
                                          prompt_cache=cache, statistics=statistics)
-
-    from mlx_gemma4.draft_policy import MAX_DRAFT_TOKENS
 
     label = "adaptive K" if num_draft_tokens is None else f"K={num_draft_tokens}"
     longest = (MAX_DRAFT_TOKENS if num_draft_tokens is None else num_draft_tokens) + 1
