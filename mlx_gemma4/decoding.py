@@ -101,14 +101,16 @@ def evaluate_chunks(forward: Callable, chunks: list, cache: list, length: int, b
             # Room for the whole prompt at once: growing chunk by chunk would copy the buffers every time. Made on
             # its own, so that the chunk's bound is not taken up by the new buffers.
             reserve_rows(cache, cache[0].offset + length - end + REPLY_ROWS_RESERVED)
-            mx.eval([c.state for c in cache])
         mx.clear_cache()
 
 
 def reserve_rows(cache: list, capacity: int):
+    """Grows every full layer's buffer to `capacity` rows, one layer at a time: while a buffer grows, its old and
+    new copies are both live."""
     for layer_cache in cache:
         if isinstance(layer_cache, FullCache):
             layer_cache.reserve(capacity)
+            mx.eval(layer_cache.arrays())
 
 
 def quantize_caches(cache: list, kv_bits: Optional[int], kv_group_size: int, quantized_kv_start: int):

@@ -48,6 +48,12 @@ class KVQuantization:
         return tuple(mx.quantize(rows, group_size=self.group_size, bits=self.bits))
 
 
+def held_arrays(cache) -> list:
+    """The arrays a layer's cache holds; none for no cache, or for a compiled step's stand-in (decode_step.SlotCache),
+    whose writes its step returns."""
+    return cache.arrays() if isinstance(cache, QuantizingCache) else []
+
+
 def kv_quantization(kv_bits: Optional[int], kv_group_size: int = 64, quantized_kv_start: int = 0):
     """mlx-lm's three options as one KVQuantization, or None when kv_bits is None."""
     return None if kv_bits is None else KVQuantization(kv_bits, kv_group_size, quantized_kv_start)
@@ -87,6 +93,14 @@ def empty_rows(like: Rows, count: int) -> Rows:
     if is_quantized(like):
         return tuple(empty_rows(part, count) for part in like)
     return mx.zeros((*like.shape[:2], count, like.shape[3]), like.dtype)
+
+
+def with_rows_added(rows: Rows, count: int) -> Rows:
+    """`rows` followed by `count` zero rows, made in one allocation (a concatenation with zeros makes the zeros
+    first: at depth a full layer's whole buffer more, for a moment)."""
+    if is_quantized(rows):
+        return tuple(with_rows_added(part, count) for part in rows)
+    return mx.pad(rows, [(0, 0), (0, 0), (0, count), (0, 0)])
 
 
 def write_rows(buffer: Rows, start: int, rows: Rows):
@@ -155,10 +169,14 @@ class QuantizingCache:
         cache.state = state
         return cache
 
+    def arrays(self) -> list:
+        """Every array the cache holds (a quantized triple's three parts each)."""
+        return [part for rows in (self.keys, self.values) if rows is not None
+                for part in (rows if is_quantized(rows) else (rows,))]
+
     @property
     def nbytes(self) -> int:
-        return sum(part.nbytes for rows in (self.keys, self.values) if rows is not None
-                   for part in (rows if is_quantized(rows) else (rows,)))
+        return sum(part.nbytes for part in self.arrays())
 
 
 class WindowCache(QuantizingCache):
@@ -293,8 +311,8 @@ class FullCache(QuantizingCache):
         extra = capacity - self.capacity()
         if extra <= 0 or self.keys is None:
             return
-        self.keys = concatenate_rows([self.keys, empty_rows(self.keys, extra)])
-        self.values = concatenate_rows([self.values, empty_rows(self.values, extra)])
+        self.keys = with_rows_added(self.keys, extra)
+        self.values = with_rows_added(self.values, extra)
 
     def is_trimmable(self) -> bool:
         return True
