@@ -11,8 +11,9 @@ budget, prefill 3.36 s against 3.60 s. The bound cannot go much lower: MLX frees
 the whole graph (up to 1,000 MB of them) has run, so a budget of 256 MiB still left 2.2 GB.
 
 Pacing (`pace`) queues the prefill piece by piece (attention blocks, a layer's attention, its MLP) and waits for the
-piece before, which holds less and keeps the device busier: see PACED_AHEAD. What still holds ~2 GB beyond weights and
-cache is not known yet: halving the attention-score blocks did not move it.
+piece before, which holds less and keeps the device busier: see PACED_AHEAD. A piece's arrays include what it wrote to
+its layer's cache: writes that nothing reads yet would otherwise stay queued, holding their inputs
+(decoder.DecoderLayer.then_norm).
 """
 
 from collections import deque
