@@ -166,7 +166,11 @@ class Bench:
                                           **options)
                         figures.pop("tokens")
                         entry.update(figures)
-                        entry["transient_bytes"] = figures["peak_memory_bytes"] - weights - figures["kv_cache_bytes"]
+                        held = weights + figures["kv_cache_bytes"]
+                        entry["transient_bytes"] = figures["peak_memory_bytes"] - held
+                        # Which sets the peak: the prefill, or decoding at depth.
+                        entry["transient_until_first_token_bytes"] = figures["peak_until_first_token_bytes"] - held
+                        entry["transient_after_first_token_bytes"] = figures["peak_after_first_token_bytes"] - held
                     except (Gemma4Error, RuntimeError, ValueError, MemoryError, NotImplementedError,
                             TypeError) as error:
                         # A peer that cannot run this (mlx-lm cannot quantize Gemma 4's rotating caches) is a

@@ -45,20 +45,26 @@ def one_run(runtime, prompt: list, gen_tokens: int, options: dict) -> dict:
     mx.reset_peak_memory()
     cache = runtime.make_cache()
     start = time.perf_counter()
-    tokens, first = [], None
+    tokens, first, until_first = [], None, 0
     for step in runtime.steps(prompt, gen_tokens, cache, **options):
         tokens.append(int(step[0]))
         if len(tokens) == 1:
             first = time.perf_counter()
+            # The prompt's peak apart from decoding's (the first step may be queued already: runtimes pipeline).
+            until_first = mx.get_peak_memory()
+            mx.reset_peak_memory()
     end = time.perf_counter()
     mx.synchronize()
     ttft, count = first - start, len(tokens)
+    after_first = mx.get_peak_memory() if count > 1 else 0
     return {
         "time_to_first_token_s": ttft,
         "prefill_tps": len(prompt) / ttft,
         "decode_tps": (count - 1) / (end - first) if count > 1 else 0.0,
         "generated_tokens": count,
-        "peak_memory_bytes": mx.get_peak_memory(),
+        "peak_memory_bytes": max(until_first, after_first),
+        "peak_until_first_token_bytes": until_first,
+        "peak_after_first_token_bytes": after_first,
         "process_rss_bytes": process_rss_bytes(),
         "kv_cache_bytes": cache_bytes(cache),
         "tokens": tokens,
@@ -73,7 +79,8 @@ def summarise(runs: list) -> dict:
         summary[key] = statistics.median(values)
         if key in ("time_to_first_token_s", "prefill_tps", "decode_tps"):
             summary[key + "_min"], summary[key + "_max"] = min(values), max(values)
-    summary["peak_memory_bytes"] = max(run["peak_memory_bytes"] for run in runs)
+    for key in ("peak_memory_bytes", "peak_until_first_token_bytes", "peak_after_first_token_bytes"):
+        summary[key] = max(run[key] for run in runs)
     summary["repeats"] = len(runs)
     return summary
 

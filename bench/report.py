@@ -69,7 +69,7 @@ def percent(value: Optional[float]) -> str:
 
 def long_context_table(rows: list) -> str:
     lines = ["| depth | runtime | KV | prefill s | prefill tok/s | decode tok/s at depth | peak MLX GB | KV cache MB "
-             "| transient GB |",
+             "| transient GB (until the first token / after) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         kv = f"{row['kv_bits']}-bit" if row.get("kv_bits") else "full"
@@ -77,11 +77,13 @@ def long_context_table(rows: list) -> str:
             lines.append(f"| {row['depth']:,} | {row['runtime']} | {kv} | skipped: {row['skipped']} | | | | | |")
             continue
         transient = row.get("transient_bytes")
+        split = [row.get(f"transient_{part}_first_token_bytes") for part in ("until", "after")]
+        split_cell = "" if None in split else f" ({number(split[0] / GB, 2)} / {number(split[1] / GB, 2)})"
         lines.append(
             f"| {row['depth']:,} | {row['runtime']} | {kv} | {number(row['time_to_first_token_s'], 1)} "
             f"| {number(row['prefill_tps'], 0)} | {number(row['decode_tps'])} "
             f"| {number(row['peak_memory_bytes'] / GB, 2)} | {number(row['kv_cache_bytes'] / 1e6, 0)} "
-            f"| {number(None if transient is None else transient / GB, 2)} |"
+            f"| {number(None if transient is None else transient / GB, 2)}{split_cell} |"
         )
     return "\n".join(lines)
 
