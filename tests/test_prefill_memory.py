@@ -9,7 +9,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.sample_utils import make_sampler
 
 from mlx_gemma4 import attention, memory_bound
-from mlx_gemma4.decoding import prefill
+from mlx_gemma4.decoding import prefill, quantize_caches
 from mlx_gemma4.loading import load
 from mlx_gemma4.memory_bound import PREFILL_TRANSIENT_BYTES
 from reference_models import save_reference_checkpoint
@@ -19,8 +19,9 @@ BLOCK_KEYS = 64
 # Measured: 1.02-1.08 MB at 512 tokens, 1.04-1.09 MB at 2,048; scores materialized whole: 1.69 and 5.05 MB; the full
 # layers' buffers grown through a concatenation with zeros: 1.12 and 1.56 MB.
 GROWTH_BOUND = 1.25
-# What a 2,048-token prefill leaves live, in chunks of 128 against 512 tokens. Measured: 0.4 KB apart; 292 KB apart
-# with the sliding rings' writes left queued (each kept its chunk's keys and values).
+# What a 2,048-token prefill leaves live, in chunks of 128 against 512 tokens. Measured: 0.4 KB apart (8-bit KV: 2.3
+# KB); 288 KB apart (8-bit KV: 211 KB) with the sliding rings' writes left queued, each keeping its chunk's keys and
+# values.
 LIVE_DIFFERENCE_BOUND = 32_000
 
 
@@ -136,25 +137,37 @@ def test_a_paced_prefill_computes_what_an_unpaced_one_does(model, monkeypatch):
     assert all(mx.array_equal(a, b) for a, b in zip(*results))
 
 
-def live_after_prefill_bytes(model, prompt: mx.array, chunk: int) -> int:
+@pytest.fixture(scope="module")
+def quantizable_model(tmp_path_factory):
+    """Head sizes that 8-bit KV groups of 32 divide."""
+    folder = tmp_path_factory.mktemp("prefill_memory_quantizable")
+    save_reference_checkpoint(folder, dict(max_position_embeddings=4096, head_dim=32, global_head_dim=64),
+                              vision=False, audio=False, seed=3)
+    return load(folder)[0]
+
+
+def live_after_prefill_bytes(model, prompt: mx.array, chunk: int, kv_bits=None) -> int:
     """Memory a prefill leaves live (its caches, the first token and its log-probabilities), with the prompt run in
     chunks of `chunk` tokens."""
     gc.collect()
     mx.clear_cache()
     before = mx.get_active_memory()
     cache = model.make_cache()
+    quantize_caches(cache, kv_bits, 32, 0)
     token, logprobs = prefill(prompt, model, cache, make_sampler(0.0), chunk)
     mx.eval(token, logprobs)
     gc.collect()
     return mx.get_active_memory() - before
 
 
-def test_what_a_prefill_leaves_live_does_not_depend_on_its_chunk_size(model):
+@pytest.mark.parametrize("kv_bits", [None, 8])
+def test_what_a_prefill_leaves_live_does_not_depend_on_its_chunk_size(model, quantizable_model, kv_bits):
     """A sliding ring's writes are evaluated with their layer: left queued, each kept its chunk's keys and values
     alive until the next chunk, or after the prefill until the first decoding step (~1 GB on the 12B)."""
+    model = model if kv_bits is None else quantizable_model
     prompt = mx.random.randint(10, 300, (2048,), key=mx.random.key(4))
     mx.eval(prompt)
-    short, long = (live_after_prefill_bytes(model, prompt, chunk) for chunk in (CHUNK, 4 * CHUNK))
-    print(f"live after a prefill: {short / 1e3:.1f} KB in chunks of {CHUNK}, {long / 1e3:.1f} KB in chunks of "
-          f"{4 * CHUNK}")
+    short, long = (live_after_prefill_bytes(model, prompt, chunk, kv_bits) for chunk in (CHUNK, 4 * CHUNK))
+    print(f"live after a prefill, KV {kv_bits or 'unquantized'}: {short / 1e3:.1f} KB in chunks of {CHUNK}, "
+          f"{long / 1e3:.1f} KB in chunks of {4 * CHUNK}")
     assert abs(long - short) <= LIVE_DIFFERENCE_BOUND
