@@ -39,6 +39,9 @@ MAX_PLAIN_KEYS = 4096
 TARGET_BLOCKS = 1024
 MIN_SPAN = 16  # keys a block takes at least: below that the merge costs more than the split gains
 MAX_QUERIES = 16  # queries a head the kernels take: a verify pass of up to 15 drafts
+# Query heads a key head at most: a block has a warp for each (times P), and 32 warps would leave a thread 64
+# registers, fewer than the span kernel takes (113-128 for head sizes 256 and 512, ptxas of CUDA 13.5 for sm_90a).
+MAX_REPEATS = 16
 # Spans a key head can have at most (launch_plan keeps to it): the merge keeps a weight a span in shared memory.
 MAX_SPANS = TARGET_BLOCKS + 64
 MERGE_THREADS = 256  # 8 warps a merge block (the kernel's PARTS)
@@ -328,8 +331,9 @@ def query_masks(mask, queries: int, key_count: int) -> tuple:
 
 def uses_kernel(queries: mx.array, keys: Rows, mask) -> bool:
     """The rule: the CUDA backend, the switch not off, at most MAX_QUERIES queries a head (batch 1), head sizes a
-    multiple of 256, 16-bit queries, keys and values in the same dtype (at most MAX_PLAIN_KEYS of them) or quantized
-    at 4 or 8 bits, a mask shared by every head (None, or boolean over the keys or over queries and keys)."""
+    multiple of 256, at most MAX_REPEATS query heads a key head, 16-bit queries, keys and values in the same dtype
+    (at most MAX_PLAIN_KEYS of them) or quantized at 4 or 8 bits, a mask shared by every head (None, or boolean over
+    the keys or over queries and keys)."""
     if not (switched_on(SWITCH) and cuda_backend()):
         return False
     batch, heads, length, head_dim = queries.shape
@@ -337,7 +341,7 @@ def uses_kernel(queries: mx.array, keys: Rows, mask) -> bool:
         return False
     stored = keys[0] if is_quantized(keys) else keys
     kv_heads = stored.shape[1]
-    if heads % kv_heads or heads // kv_heads > 32:
+    if heads % kv_heads or heads // kv_heads > MAX_REPEATS:
         return False
     if is_quantized(keys):
         bits, group_size = quantization_of(keys, head_dim)

@@ -53,6 +53,11 @@ MULTIPROCESSORS = 132
 # 15.3, the sliding o level, bench/results/h200-matvec-ncu-plans-x-ahead.json). A gated product always takes two: a
 # tile of gate rows, one of up.
 TILES_PER_WARP = 2
+# Warps a block at most for 4-bit weights in groups of 128 with two tiles a warp: a lane then loads four words of
+# codes a chunk, and with x's next chunk and 16 rows of x held as well, ptxas (CUDA 13.5, through NVRTC for sm_90a)
+# gives the kernel 134-136 registers a thread: 16 warps would ask for more than a block's 64K registers, and the
+# launch would fail. Fixed by the format, not by the rows of x, so that every row keeps its order of sums.
+WIDE_LOADS_MAX_SPLIT = 8
 # Shared memory for a block's rings: up to MAX_STAGES chunks a warp, within this much.
 SHARED_BYTES = 100 << 10
 MAX_STAGES = 4
@@ -81,6 +86,8 @@ def launch_plan(output_rows: int, input_dims: int, bits: int, group_size: int, r
     if not gated and math.ceil(output_rows / (16 * tiles)) <= MULTIPROCESSORS:
         tiles = 1
     split = min(4 if math.ceil(output_rows / (16 * tiles)) >= 4 * MULTIPROCESSORS else 16, chunks)
+    if bits == 4 and group_size == 128 and tiles == 2:
+        split = min(split, WIDE_LOADS_MAX_SPLIT)
     stages = max(2, min(MAX_STAGES, SHARED_BYTES // (split * stage_bytes(tiles, bits, group_size))))
     return sized_plan(output_rows, bits, group_size, rows_of_x, tiles, split, stages)
 

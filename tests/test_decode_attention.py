@@ -54,6 +54,8 @@ def test_rule_takes_a_few_queries_per_head_at_head_sizes_of_256_and_512(on_cuda)
     assert not uses_kernel(queries.astype(mx.float32), keys.astype(mx.float32), None)
     assert not uses_kernel(case(4, 2, 40, 64)[0], case(4, 2, 40, 64)[1], None)  # head size 64
     assert not uses_kernel(queries, keys, mx.ones((1, 16, 1, 40), dtype=mx.bool_) > 0)  # a mask per head
+    assert uses_kernel(*case(16, 1, 40, 256)[:2], None)
+    assert not uses_kernel(*case(32, 1, 40, 256)[:2], None)  # 32 warps a block: too few registers a thread
 
 
 def test_rule_takes_quantized_caches_at_4_and_8_bits(on_cuda):

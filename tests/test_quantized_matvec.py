@@ -95,6 +95,18 @@ def test_every_quantized_linear_layer_and_the_tied_head_take_the_kernel_for_a_de
     assert sum(gated for _, gated in on_cuda) == len(mlps) > 0
 
 
+def test_four_bit_groups_of_128_with_two_tiles_a_warp_take_at_most_8_warps_a_block_at_any_rows():
+    """Their lanes load four words of codes a chunk: 16 warps of them would ask for more registers than a block
+    has. The cap follows the format and shape, never the rows of x (each row keeps its order of sums)."""
+    from mlx_gemma4.quantized_matvec import launch_plan
+
+    for rows in (1, 8, 9, 16):
+        assert launch_plan(8192, 3840, 4, 128, rows)["KSPLIT"] == 8  # the 12B's stacked q/k/v: two tiles a warp
+        assert launch_plan(8192, 3840, 4, 64, rows)["KSPLIT"] == 16
+        assert launch_plan(8192, 3840, 8, 128, rows)["KSPLIT"] == 16
+        assert launch_plan(3840, 15360, 4, 128, rows)["KSPLIT"] == 16  # down: one tile a warp
+
+
 def test_the_gated_product_has_its_own_switch_and_needs_halves_of_whole_tiles(on_cuda, monkeypatch):
     w, scales, biases = quantized(64, 256, 4, 64)
     assert gates_in_kernel(rows_of_x(3, 256), w, scales, biases, 64, 4, "affine")
