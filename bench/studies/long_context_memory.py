@@ -1,25 +1,24 @@
-"""Where a long context's transient memory comes from: a prefill's peak and live memory chunk by chunk, its first
-decoding step, decoding steps at depth, and whether writing into a full layer's buffer copies the buffer.
+"""Where a long context's transient memory comes from: a prefill chunk by chunk, its first decoding step, decoding
+steps at depth, and whether writing into a buffer copies it.
 
     python bench/studies/long_context_memory.py FOLDER --depth 131072 --kv-bits none,8 --json OUT.json
+        [--unsynchronized]     (chunks waited for with mx.eval alone, as decoding.prefill waits)
 
-FOLDER as bench.py --weights-dir writes it. The prefill is decoding.prefill's, chunk by chunk, under the same memory
-bound; each chunk's row has its peak above the memory live before it, and the live memory after it. On an H200 the
-transient of a prefill grew with depth (62ada08: 1.0-1.3 GB at 8K, 2.2-2.7 at 131K, 3.5-3.7 at 262K,
-bench/results/h200-12b-4bit-long-context-ours-split.json): a growth chunk by chunk points at something that scales
-with the buffers (a write that copies a buffer instead of writing in place), a flat chunk peak with a step at the
-end at the last chunk or the first token.
+FOLDER as bench.py --weights-dir writes it. On an H200 a long prompt's transient grew with depth (62ada08: 1.0-1.3 GB
+at 8K, 2.2-2.7 at 131K, 3.5-3.7 at 262K, reached before the first token; bench/results/
+h200-12b-4bit-long-context-ours-split.json). The suspect: a write goes into its buffer in place only if nothing else
+holds the buffer when MLX hands the write to the device, and MLX holds a command's inputs until the device has run it
+(released on a thread of its own, possibly after mx.eval returns); a write queued behind a read of its buffer then
+copies the whole buffer, and buffers grow with depth. The rows:
 
-The first rows ("write into a buffer") time and measure one slice write into a buffer of the full layers' size, after
-a view of it was read, as the prefill does: a peak of the buffer's size means MLX copied it rather than wrote in place.
-Each precision then has a row for the first decoding step after a finished prefill, and one for a prefill with its
-first step queued behind it, as generate_step runs them (the bench's "until first token" peak includes that step):
-if the second peaks above the first by a depth-dependent amount, the step copies buffers that the prefill's last
-chunk still holds. Last, decoding steps at depth two ways: each queued while the GPU runs the one before (as
-generate_step does), and each queued only once the one before has finished. A step writes its keys and values into
-the buffers in place only if nothing else holds them when MLX hands the write to the device; while the step before
-still runs, its reads of the same buffers may (MLX keeps a command's inputs until it has run), and the write then
-copies the whole buffer: a transient, and time, that grow with depth in the first way only.
+- "write into a buffer": one chunk written into a buffer of a full layer's size at that depth, after a view of it
+  was read: view dropped, view kept, or the read still queued on the device. A peak of the buffer's size is a copy.
+- "prefill chunk": decoding.prefill's chunks under its memory bound, each chunk's peak above the memory live before
+  it and the live memory after it (synchronized or not, see above).
+- "first step after the prefill finished", then "decoding at depth": steps queued while the step before runs (as
+  generate_step queues them) and steps queued once it has finished, twice each way: ms a step and peak.
+- "first step queued behind the prefill": decoding.prefill with its first step queued before its token is read, as
+  generate_step does (the bench's "until first token" peak includes that step).
 """
 
 import argparse
@@ -103,9 +102,11 @@ def first_step(model, cache: list, token: mx.array) -> mx.array:
     return following
 
 
-def chunk_by_chunk(model, depth: int, kv_bits, seed: int) -> list:
+def chunk_by_chunk(model, depth: int, kv_bits, seed: int, synchronized: bool) -> list:
     """decoding.prefill's steps for a `depth`-token random prompt, with a row a chunk; then the first decoding step,
-    once the prefill has finished."""
+    once the prefill has finished. `synchronized`: each chunk also waits for MLX to let go of what its commands held
+    (mx.synchronize: MLX releases a command's inputs on a thread of its own once the device has run it, which may be
+    after mx.eval returns), as decoding.prefill does not."""
     cache = new_cache(model, kv_bits)
     prompt = random_prompt(model, depth, seed)
     forward = decoding.chunk_forward(model, cache, prompt)
@@ -122,9 +123,11 @@ def chunk_by_chunk(model, depth: int, kv_bits, seed: int) -> list:
             else:
                 token, logprobs = decoding.sample_last(forward(start, end), make_sampler(0.0))
                 mx.eval(token, logprobs)
-            mx.synchronize()
+            if synchronized:
+                mx.synchronize()
             kv = sum(layer.nbytes for layer in cache)
             rows.append({"case": "prefill chunk", "kv_bits": kv_bits, "depth": depth, "chunk": index, "end": end,
+                         "synchronized": synchronized,
                          "seconds": time.perf_counter() - began, "live_before_bytes": live,
                          "peak_above_live_bytes": peak_above(live),
                          "live_after_bytes": mx.get_active_memory(), "kv_cache_bytes": kv})
@@ -196,6 +199,9 @@ def main():
     parser.add_argument("--kv-bits", default="none,8", help="comma-separated: none, 4, 8")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=32, help="decoding steps at depth, each way, twice")
+    parser.add_argument("--unsynchronized", action="store_true",
+                        help="chunks waited for with mx.eval alone, as decoding.prefill waits "
+                             "(default: mx.synchronize too)")
     parser.add_argument("--json", required=True)
     args = parser.parse_args()
     rows = []
@@ -207,7 +213,7 @@ def main():
     for bits in args.kv_bits.split(","):
         kv_bits = None if bits == "none" else int(bits)
         assert kv_bits is None or kv_quantization(kv_bits, 64, 0) is not None
-        chunk_rows, cache, token = chunk_by_chunk(model, args.depth, kv_bits, args.seed)
+        chunk_rows, cache, token = chunk_by_chunk(model, args.depth, kv_bits, args.seed, not args.unsynchronized)
         rows.extend(chunk_rows)
         rows.extend(decoding_at_depth(model, cache, token, args.steps, kv_bits, args.depth))
         del cache, token
