@@ -31,11 +31,12 @@ from mlx_lm.sample_utils import make_sampler
 
 from mlx_gemma4 import decoding
 from mlx_gemma4.decode_step import decode_step
-from mlx_gemma4.kv_cache import kv_quantization
 from mlx_gemma4.loading import load_model
 from mlx_gemma4.memory_bound import PREFILL_TRANSIENT_BYTES, transient_memory_bound
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for measure
+from measure import cache_bytes, random_prompt  # noqa: E402
 from study_result import write_study_result  # noqa: E402
 
 GB = 1e9
@@ -80,11 +81,8 @@ def write_into_buffer(rows: int, width: int, chunk: int, view: str) -> dict:
             "peak_above_live_bytes": peak_above(before), "seconds": time.perf_counter() - start}
 
 
-def random_prompt(model, depth: int, seed: int) -> mx.array:
-    vocab = model.config.text_config.vocab_size
-    prompt = mx.random.randint(16, vocab - 16, (depth,), key=mx.random.key(seed))
-    mx.eval(prompt)
-    return prompt
+def prompt_of(model, depth: int, seed: int) -> mx.array:
+    return mx.array(random_prompt(depth, model.config.text_config.vocab_size, seed))
 
 
 def new_cache(model, kv_bits) -> list:
@@ -93,22 +91,21 @@ def new_cache(model, kv_bits) -> list:
     return cache
 
 
-def first_step(model, cache: list, token: mx.array) -> mx.array:
-    """The first decoding step after a prefill, queued as generate_step queues it."""
-    step = decode_step(model, cache)
+def queue_step(step, token: mx.array) -> mx.array:
+    """A decoding step after `token`, queued as generate_step queues it: its greedy token, not yet evaluated."""
     with mx.stream(decoding.generation_stream):
         following, _ = decoding.sample_last(step(token[:, None]), make_sampler(0.0))
     mx.async_eval(following)
     return following
 
 
-def chunk_by_chunk(model, depth: int, kv_bits, seed: int, synchronized: bool) -> list:
+def chunk_by_chunk(model, depth: int, kv_bits, seed: int, synchronized: bool) -> tuple:
     """decoding.prefill's steps for a `depth`-token random prompt, with a row a chunk; then the first decoding step,
     once the prefill has finished. `synchronized`: each chunk also waits for MLX to let go of what its commands held
     (mx.synchronize: MLX releases a command's inputs on a thread of its own once the device has run it, which may be
-    after mx.eval returns), as decoding.prefill does not."""
+    after mx.eval returns), as decoding.prefill does not. (rows, the cache, the step's token)"""
     cache = new_cache(model, kv_bits)
-    prompt = random_prompt(model, depth, seed)
+    prompt = prompt_of(model, depth, seed)
     forward = decoding.chunk_forward(model, cache, prompt)
     chunks = decoding.prefill_chunks(depth, decoding.DEFAULT_PREFILL_STEP_SIZE)
     rows = []
@@ -125,7 +122,7 @@ def chunk_by_chunk(model, depth: int, kv_bits, seed: int, synchronized: bool) ->
                 mx.eval(token, logprobs)
             if synchronized:
                 mx.synchronize()
-            kv = sum(layer.nbytes for layer in cache)
+            kv = cache_bytes(cache)
             rows.append({"case": "prefill chunk", "kv_bits": kv_bits, "depth": depth, "chunk": index, "end": end,
                          "synchronized": synchronized,
                          "seconds": time.perf_counter() - began, "live_before_bytes": live,
@@ -137,7 +134,7 @@ def chunk_by_chunk(model, depth: int, kv_bits, seed: int, synchronized: bool) ->
                       f"{rows[-1]['live_after_bytes'] / GB:.2f} (kv {kv / GB:.2f})", flush=True)
     live = mx.get_active_memory()
     mx.reset_peak_memory()
-    following = first_step(model, cache, token)
+    following = queue_step(decode_step(model, cache), token)
     following.item()
     rows.append({"case": "first step after the prefill finished", "kv_bits": kv_bits, "depth": depth,
                  "live_before_bytes": live, "peak_above_live_bytes": peak_above(live)})
@@ -150,17 +147,17 @@ def step_queued_behind_prefill(model, depth: int, kv_bits, seed: int) -> dict:
     does: the peak above the live memory before the prefill, until the token and in all. If the step cannot write
     its caches in place while the prefill's last chunk still holds them, it copies whole buffers."""
     cache = new_cache(model, kv_bits)
-    prompt = random_prompt(model, depth, seed)
+    prompt = prompt_of(model, depth, seed)
     live = mx.get_active_memory()
     mx.reset_peak_memory()
     token, _ = decoding.prefill(prompt, model, cache, make_sampler(0.0))
-    following = first_step(model, cache, token)
+    following = queue_step(decode_step(model, cache), token)
     token.item()
     until_token = peak_above(live)
     following.item()
     row = {"case": "first step queued behind the prefill", "kv_bits": kv_bits, "depth": depth,
            "live_before_bytes": live, "peak_above_live_until_token_bytes": until_token,
-           "peak_above_live_bytes": peak_above(live), "kv_cache_bytes": sum(layer.nbytes for layer in cache)}
+           "peak_above_live_bytes": peak_above(live), "kv_cache_bytes": cache_bytes(cache)}
     print(row, flush=True)
     return row
 
@@ -177,9 +174,7 @@ def decoding_at_depth(model, cache: list, token: mx.array, steps: int, kv_bits, 
         for _ in range(steps):
             if waited:
                 token.item()
-            with mx.stream(decoding.generation_stream):
-                following, _ = decoding.sample_last(step(token[:, None]), make_sampler(0.0))
-            mx.async_eval(following)
+            following = queue_step(step, token)
             if not waited:
                 token.item()
             token = following
@@ -212,16 +207,14 @@ def main():
     mx.eval(model.parameters())
     for bits in args.kv_bits.split(","):
         kv_bits = None if bits == "none" else int(bits)
-        assert kv_bits is None or kv_quantization(kv_bits, 64, 0) is not None
         chunk_rows, cache, token = chunk_by_chunk(model, args.depth, kv_bits, args.seed, not args.unsynchronized)
         rows.extend(chunk_rows)
         rows.extend(decoding_at_depth(model, cache, token, args.steps, kv_bits, args.depth))
         del cache, token
         mx.clear_cache()
         rows.append(step_queued_behind_prefill(model, args.depth, kv_bits, args.seed))
-        write_study_result(args.json, "long_context_memory.py", None, rows)
+        write_study_result(args.json, "long_context_memory.py", None, rows)  # each precision's rows as they come
         mx.clear_cache()
-    write_study_result(args.json, "long_context_memory.py", None, rows)
 
 
 if __name__ == "__main__":
