@@ -23,11 +23,14 @@ from .attention_mask import PositionMask
 from .kv_cache import Rows, is_quantized, quantization_of, row_count, take_rows
 from .memory_bound import pace
 
-# One block's scores (heads x queries x keys): 2^26 is 128 MB in bfloat16; a 2,048-query chunk of 16 heads attends to
-# 2,048 keys at a time. Each block also rescales the running output (queries x head size, float32): with blocks this
-# wide (4x the 12B's 512-wide full heads) that costs ~3 bytes of traffic per score against ~12 for the scores' own
-# passes, so a chunk moves about the bytes MLX's unfused fallback moves while holding 1/64 of its scores at 131K.
-SCORES_PER_BLOCK = 1 << 26
+# One block's scores (heads x queries x keys): 2^25 is 64 MB in bfloat16; a 2,048-query chunk of 16 heads attends to
+# 1,024 keys at a time. Each block also rescales the running output (queries x head size, float32): with blocks this
+# wide (2x the 12B's 512-wide full heads) that costs ~6 bytes of traffic per score against ~12 for the scores' own
+# passes. A block is a paced piece (memory_bound.pace), and the pieces in flight set a prefill's peak: measured on an
+# H200 (bench/results/h200-prefill-peaks-by-piece-64k.json, 12B, 65,536 tokens, one prefill each), the attention
+# blocks reached the peak in every setting, and 2^25 against 2^26 took the transient from 2.20 to 1.46 GB (one
+# piece ahead) and from 1.70 to 1.30 GB (two ahead), prefill 15.58 against 14.23 s and 14.64 against 14.15 s.
+SCORES_PER_BLOCK = 1 << 25
 
 
 def scaled_dot_product_attention(queries: mx.array, keys: Rows, values: Rows, mask) -> mx.array:

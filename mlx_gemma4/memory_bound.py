@@ -26,12 +26,15 @@ import mlx.core as mx
 # (a 2,048-token chunk of the 12B makes 126 MB of gate/up activations per layer and 128 MB attention-score blocks),
 # so that the device always has queued work.
 PREFILL_TRANSIENT_BYTES = 1 << 30
-# Paced evaluations (`pace`) queued beyond the one being waited for: with one, the device always has the next piece
-# to run while the host waits. Measured on an H200 (bench/results/h200-prefill-pacing-16k.json, -64k.json; 12B,
-# 2,048-token chunks): transient 2.04 GB at 16K and 2.21 at 64K with one, 2.34 at 16K with two, 2.45 and 2.48 with
-# none (MLX's memory limit alone); prefill 3.23 s against 3.72 s unpaced at 16K, 14.4 s against 17.0 s at 64K.
+# Paced evaluations (`pace`) queued beyond the one being waited for: the device always has the next piece to run
+# while the host waits. Measured on an H200 (12B, 2,048-token chunks, one prefill each), attention blocks of 2^26
+# scores: transient 2.04 GB at 16K and 2.21 at 64K with one, 2.34 at 16K with two, 2.45 and 2.48 with none (MLX's
+# memory limit alone); prefill 3.23 s against 3.72 s unpaced at 16K, 14.4 s against 17.0 s at 64K
+# (bench/results/h200-prefill-pacing-16k.json, -64k.json). With blocks of 2^25 (attention.SCORES_PER_BLOCK) at 64K,
+# two ahead against one: transient 1.30 against 1.46 GB, prefill 14.64 against 15.58 s
+# (bench/results/h200-prefill-peaks-by-piece-64k.json). Single prefills: their spread is not known.
 # 0 turns pacing off (studies).
-PACED_AHEAD = 1
+PACED_AHEAD = 2
 
 # The evaluations `pace` has queued, inside a transient_memory_bound block; None outside one.
 _paced = ContextVar("paced", default=None)
