@@ -11,7 +11,7 @@ budget, prefill 3.36 s against 3.60 s. The bound cannot go much lower: MLX frees
 the whole graph (up to 1,000 MB of them) has run, so a budget of 256 MiB still left 2.2 GB.
 
 Pacing (`pace`) queues the prefill piece by piece (attention blocks, a layer's attention, its MLP) and waits for the
-piece before, which holds less and keeps the device busier: see PACED_AHEAD. A piece's arrays include what it wrote to
+piece queued PACED_AHEAD before, which holds less and keeps the device busier. A piece's arrays include what it wrote to
 its layer's cache: writes that nothing reads yet would otherwise stay queued, holding their inputs
 (decoder.DecoderLayer.then_norm).
 """
@@ -23,7 +23,7 @@ from contextvars import ContextVar
 import mlx.core as mx
 
 # What a prefill chunk may hold beyond the memory live when it starts: room for a few of its largest intermediates
-# (a 2,048-token chunk of the 12B makes 126 MB of gate/up activations per layer and 128 MB attention-score blocks),
+# (a 2,048-token chunk of the 12B makes 126 MB of gate/up activations per layer and 64 MB attention-score blocks),
 # so that the device always has queued work.
 PREFILL_TRANSIENT_BYTES = 1 << 30
 # Paced evaluations (`pace`) queued beyond the one being waited for: the device always has the next piece to run
