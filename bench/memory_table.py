@@ -5,7 +5,8 @@
 "Peak memory against depth" lists each runtime's peak (and its transient part: peak - weights - KV cache) at each
 measured depth and KV precision. "Largest context that fits" fits peak = a + b x depth to each runtime's measured
 depths (least squares: the KV cache grows linearly, and so do the scores a runtime materializes) and solves it for
-the memory macOS lets the GPU use on a Mac of each size.
+the memory macOS lets the GPU use on a Mac of each size. Where the rows split the transient at the first token, a
+third table gives that split with the decode and prefill speeds at each depth.
 """
 
 import json
@@ -60,6 +61,35 @@ def peak_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def has_split(results: dict) -> bool:
+    """Whether every row that ran records its peak split at the first token (bench.py since 43db097)."""
+    rows = [row for rows in configurations(results).values() for row in rows.values()]
+    return bool(rows) and all("transient_until_first_token_bytes" in row for row in rows)
+
+
+def split_table(results: dict) -> str:
+    """Each configuration's peak with its transient until and after the first token, and the speeds at that depth
+    (decode at depth, prefill; the first depth run in a process includes compiling)."""
+    table = configurations(results)
+    names = [label(*key) for key in table]
+    lines = ["| depth | " + " | ".join(f"{name}: peak (transient until / after the first token)" for name in names)
+             + f" | decode tok/s at depth: {' / '.join(names)} | prefill tok/s: {' / '.join(names)} |",
+             "|---|" + "---|" * (len(table) + 2)]
+    for depth in sorted({depth for rows in table.values() for depth in rows}):
+        peaks, decode, prefill = [], [], []
+        for rows in table.values():
+            row = rows.get(depth)
+            if row is None:
+                peaks.append("-"), decode.append("-"), prefill.append("-")
+                continue
+            peaks.append(f"{row['peak_memory_bytes'] / GB:.2f} GB ({row['transient_until_first_token_bytes'] / GB:.2f}"
+                         f" / {row['transient_after_first_token_bytes'] / GB:.2f})")
+            decode.append(f"{row['decode_tps']:,.1f}")
+            prefill.append(f"{row['prefill_tps']:,.0f}")
+        lines.append(f"| {depth:,} | " + " | ".join(peaks) + f" | {' / '.join(decode)} | {' / '.join(prefill)} |")
+    return "\n".join(lines)
+
+
 def largest_context(rows: dict, budget_bytes: float) -> Optional[int]:
     """The depth at which the fitted peak reaches `budget_bytes` (capped at MAX_CONTEXT; 0 when even an empty
     context would not fit), or None with fewer than two measured depths."""
@@ -98,7 +128,10 @@ def readme_section(results: dict, source: str) -> str:
             f"{results['machine']['name']}; `{results['command']}` -> `{source}`.\n\n{peak_table(results)}\n\n"
             f"#### Largest context that fits a 16, 24 and 32 GB Mac\n\nFitted to the depths above (peak = a + b x "
             f"depth), for the {GPU_SHARE:.0%} of its memory macOS lets the GPU use; \"(all)\" is Gemma 4's whole "
-            f"{MAX_CONTEXT:,}-token context.\n\n{fits_table(results)}" + (f"\n\nDid not run:{notes}" if notes else ""))
+            f"{MAX_CONTEXT:,}-token context.\n\n{fits_table(results)}"
+            + (f"\n\n#### Peak split at the first token, and speeds at depth\n\n{split_table(results)}"
+               if has_split(results) else "")
+            + (f"\n\nDid not run:{notes}" if notes else ""))
 
 
 def merged(files: list) -> dict:

@@ -49,3 +49,20 @@ def test_runs_split_over_several_files_make_one_table(tmp_path):
     combined = merged(files)
     assert [r["runtime"] for r in combined["long_context"]] == ["ours", "mlx-lm"]
     assert "bench ours" in combined["command"] and "bench --skip-ours" in combined["command"]
+
+
+def split_row(runtime, kv_bits, depth, peak_gb, until_gb, after_gb, decode, prefill):
+    return dict(row(runtime, kv_bits, depth, peak_gb), transient_until_first_token_bytes=until_gb * GB,
+                transient_after_first_token_bytes=after_gb * GB, decode_tps=decode, prefill_tps=prefill)
+
+
+def test_rows_split_at_the_first_token_add_a_table_of_the_split_and_the_speeds():
+    base = {"model": "random 12b", "precision": "4-bit", "machine": {"name": "H200"}, "command": "bench"}
+    split = dict(base, long_context=[split_row("ours", 8, 8_192, 8.48, 1.41, 0.16, 150.61, 67.2),
+                                     split_row("ours", None, 8_192, 8.32, 1.03, 0.03, 125.5, 795.4),
+                                     split_row("ours", None, 131_072, 11.41, 2.1, 0.7, 147.7, 3880.2)])
+    text = readme_section(split, "h200.json")
+    assert "| 8,192 | 8.48 GB (1.41 / 0.16) | 8.32 GB (1.03 / 0.03) | 150.6 / 125.5 | 67 / 795 |" in text
+    assert "| 131,072 | - | 11.41 GB (2.10 / 0.70) | - / 147.7 | - / 3,880 |" in text
+    unsplit = dict(base, long_context=[row("ours", None, 8_192, 7.5)])
+    assert "Peak split" not in readme_section(unsplit, "h200.json")
