@@ -12,11 +12,13 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 from mlx_lm.sample_utils import make_sampler
 
 from mlx_gemma4 import decoding
 from mlx_gemma4.loading import load_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for measure
+from measure import cache_bytes, random_prompt, weight_bytes  # noqa: E402
 
 GB = 1e9
 
@@ -25,15 +27,13 @@ def main(folder: Path, depth: int):
     print("active at start", mx.get_active_memory() / GB)
     model = load_model(folder)
     mx.eval(model.parameters())
-    weights = sum(value.nbytes for _, value in tree_flatten(model.parameters()))
+    weights = weight_bytes(model)
     print(f"after load: active {mx.get_active_memory() / GB:.3f} weights {weights / GB:.3f} "
           f"cache {mx.get_cache_memory() / GB:.3f}")
     gc.collect()
     mx.clear_cache()
     print(f"after gc: active {mx.get_active_memory() / GB:.3f}")
-    vocab = model.config.text_config.vocab_size
-    prompt = mx.random.randint(16, vocab - 16, (depth,), key=mx.random.key(depth))
-    mx.eval(prompt)
+    prompt = mx.array(random_prompt(depth, model.config.text_config.vocab_size, depth))
     for turn in range(2):
         cache = model.make_cache()
         mx.reset_peak_memory()
@@ -41,7 +41,7 @@ def main(folder: Path, depth: int):
         start = time.perf_counter()
         token, logprobs = decoding.prefill(prompt, model, cache, make_sampler(0.0))
         mx.eval(token, logprobs)
-        kv = sum(c.nbytes for c in cache)
+        kv = cache_bytes(cache)
         active, peak = mx.get_active_memory(), mx.get_peak_memory()
         print(f"turn {turn}: {time.perf_counter() - start:.2f}s base {base / GB:.3f} peak {peak / GB:.3f} "
               f"active after {active / GB:.3f} kv {kv / GB:.3f} -> "
