@@ -17,11 +17,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
 from mlx_lm.sample_utils import make_sampler
 
 from study_result import write_study_result
 from mlx_gemma4 import attention, decoder, decoding, memory_bound
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for measure
+from measure import cache_bytes, random_prompt, weight_bytes  # noqa: E402
 
 PACING_MODULES = [attention, decoder]
 
@@ -41,8 +43,7 @@ def one_prefill(model, prompt: mx.array, budget_bytes: int, paced_ahead: int, sc
         token, _ = decoding.prefill(prompt, model, cache, make_sampler(0.0))
         mx.eval(token)
     seconds = time.perf_counter() - start
-    weights = sum(value.nbytes for _, value in tree_flatten(model.parameters()))
-    kv = sum(c.nbytes for c in cache)
+    weights, kv = weight_bytes(model), cache_bytes(cache)
     return {"seconds": seconds, "peak_bytes": peaks.overall, "transient_bytes": peaks.overall - weights - kv,
             "kv_cache_bytes": kv, "weights_bytes": weights, "peak_bytes_by_piece": peaks.by_piece}
 
@@ -92,8 +93,7 @@ def main(argv=None):
     from mlx_gemma4.loading import load_model
 
     model = load_model(Path(args.weights))
-    vocab = model.config.text_config.vocab_size
-    prompt = mx.random.randint(16, vocab - 16, (args.depth,), key=mx.random.key(args.depth))
+    prompt = mx.array(random_prompt(args.depth, model.config.text_config.vocab_size, args.depth))
     budgets = {name: UNBOUNDED if name == "none" else int(name) << 20 for name in args.budgets.split(",")}
     settings = [(name, int(ahead), int(block)) for name in budgets for ahead in args.paced_ahead.split(",")
                 for block in args.scores_per_block.split(",")]
