@@ -59,7 +59,7 @@ def run(args):
     cache = model.make_cache()
     quantize_caches(cache, **options)
     token, _ = prefill(mx.array(ids), model, cache, make_sampler(0.0), args.prefill_step_size)
-    mx.eval(token, [c.state for c in cache])
+    mx.eval(token, [c.arrays() for c in cache])
     save_prompt_cache(args.prompt_cache_file, cache, model,
                       {"model": str(args.model), OPEN_TURN_KEY: str(not args.ignore_chat_template).lower()})
     print(f"Cached {len(ids)} prompt tokens in {args.prompt_cache_file}; "

@@ -18,6 +18,7 @@ runs the plain forward pass.
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from . import cache_writes
 from .config import FULL, SLIDING
 from .kv_cache import FullCache, WindowCache, is_quantized, quantize_like, row_count
 
@@ -33,13 +34,22 @@ class SlotCache:
         self.keys, self.values, self.slot, self.offset = keys, values, slot, position
         self.indices = indices
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array):
-        self.keys = self._written(self.keys, keys)
-        self.values = self._written(self.values, values)
+    def write_then_fetch(self, queries: mx.array, keys: mx.array, values: mx.array) -> tuple:
+        """(queries, keys, values) to attend with: the step's rows written at `slot`, in place where
+        cache_writes.uses_in_place allows (the buffers stay these arrays; the queries come back through the write,
+        so that the attention reads what it wrote), through put_along_axis otherwise."""
+        keys, values = quantize_like(self.keys, keys), quantize_like(self.values, values)
+        buffers, rows = [*parts(self.keys), *parts(self.values)], [*parts(keys), *parts(values)]
+        if not cache_writes.uses_in_place(buffers, rows):
+            return (queries, *self._written(keys, values))
+        return cache_writes.written_then(buffers, rows, self.slot, queries), self.keys, self.values
+
+    def _written(self, keys, values) -> tuple:
+        """The buffers with `keys` and `values` (in the buffers' form) written at `slot`, as new arrays."""
+        self.keys, self.values = self._scattered(self.keys, keys), self._scattered(self.values, values)
         return self.keys, self.values
 
-    def _written(self, buffer, rows: mx.array):
-        rows = quantize_like(buffer, rows)
+    def _scattered(self, buffer, rows):
         if is_quantized(buffer):
             return tuple(written_at(part, new, self.indices(self.slot, new.shape)) for part, new in zip(buffer, rows))
         return written_at(buffer, rows, self.indices(self.slot, rows.shape))
@@ -58,6 +68,11 @@ class SlotIndices:
         if key not in self.made:
             self.made[key] = mx.broadcast_to(slot.reshape(1, 1, -1, 1), shape)
         return self.made[key]
+
+
+def parts(rows) -> tuple:
+    """A buffer's arrays: itself, or a quantized triple's three."""
+    return rows if is_quantized(rows) else (rows,)
 
 
 def written_at(buffer: mx.array, rows: mx.array, index: mx.array) -> mx.array:
@@ -187,6 +202,8 @@ def decode_step(model, cache: list, return_hidden: bool = False):
         for layer_cache in cache:
             layer_cache.quantize_if_due()
         make_room(position + tokens - 1)
+        for layer_cache in cache:
+            layer_cache.hold_buffers_alone()  # the step may write them in place (cache_writes.py)
         logits, hidden, buffers = run(masked(position, tokens), token_ids, position)
         # The old buffers are now referenced only by the step's graph, which can then write into them in place.
         for layer_cache, (keys, values) in zip(cache, buffers):

@@ -150,7 +150,7 @@ class Attention(nn.Module):
             keys, values = shared_kv[self.kind]
         else:
             if cache is not None:
-                keys, values = cache.update_and_fetch(keys, values)
+                queries, keys, values = cache.write_then_fetch(queries, keys, values)
             if self.stores_kv:
                 shared_kv[self.kind] = (keys, values)
 

@@ -96,7 +96,7 @@ def evaluate_chunks(forward: Callable, chunks: list, cache: list, length: int, b
     for index, (start, end) in enumerate(chunks):
         bound()
         forward(start, end)
-        mx.eval([c.state for c in cache])
+        mx.eval([c.arrays() for c in cache])
         if index == 0:
             # Room for the whole prompt at once: growing chunk by chunk would copy the buffers every time. Made on
             # its own, so that the chunk's bound is not taken up by the new buffers.

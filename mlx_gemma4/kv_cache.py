@@ -103,6 +103,15 @@ def with_rows_added(rows: Rows, count: int) -> Rows:
     return mx.pad(rows, [(0, 0), (0, 0), (0, count), (0, 0)])
 
 
+def copied_rows(rows: Optional[Rows]) -> Optional[Rows]:
+    """New buffers with `rows`' contents (MLX copies a buffer that another array holds when it adds zero to it)."""
+    if rows is None:
+        return None
+    if is_quantized(rows):
+        return tuple(copied_rows(part) for part in rows)
+    return rows + mx.zeros((), rows.dtype)
+
+
 def write_rows(buffer: Rows, start: int, rows: Rows):
     """Writes `rows` into `buffer` (in place) from row `start`."""
     if is_quantized(buffer):
@@ -134,6 +143,20 @@ class QuantizingCache:
         self.quantization = quantization
         self.keys = self.values = None
         self.offset = 0  # positions seen
+        # Whether other arrays may share the buffers (a snapshot, a state handed out): a compiled step may write
+        # them in place (cache_writes.py), so it first makes them the cache's own (hold_buffers_alone).
+        self.buffers_shared = False
+
+    def write_then_fetch(self, queries: mx.array, keys: mx.array, values: mx.array) -> tuple:
+        """(queries, keys, values) to attend with, once this pass's keys and values are in the cache (the compiled
+        step's stand-in, decode_step.SlotCache, may hand the queries back through an in-place write)."""
+        return (queries, *self.update_and_fetch(keys, values))
+
+    def hold_buffers_alone(self):
+        """Makes shared buffers the cache's own copies, so that writing them in place changes no other array."""
+        if self.buffers_shared:
+            self.keys, self.values = copied_rows(self.keys), copied_rows(self.values)
+            self.buffers_shared = False
 
     @property
     def quantized(self) -> bool:
@@ -146,6 +169,7 @@ class QuantizingCache:
             return
         if self.offset >= self.quantization.start:
             self.keys, self.values = self.quantization.quantize(self.keys), self.quantization.quantize(self.values)
+            self.buffers_shared = False  # new arrays
 
     def stored_form(self, keys: mx.array, values: mx.array) -> tuple:
         due = self.quantization is not None and self.offset >= self.quantization.start
@@ -158,15 +182,19 @@ class QuantizingCache:
         return [None] * 3 if quantization is None else [quantization.bits, quantization.group_size, quantization.start]
 
     def restore(self, keys, values, offset: int, bits, group_size, start):
-        """Sets what `state` described (lists where tuples were, as a saved file gives them back)."""
+        """Sets what `state` described (lists where tuples were, as a saved file gives them back). The arrays came
+        from elsewhere: the cache takes them as shared."""
         self.keys, self.values = as_rows(keys), as_rows(values)
         self.offset = offset
         self.quantization = None if bits is None else KVQuantization(bits, group_size, start)
+        self.buffers_shared = True
 
     @classmethod
-    def from_state(cls, state: list):
+    def from_state(cls, state: list, buffers_shared: bool = True):
+        """A cache of `state`'s arrays; buffers_shared=False where nothing else holds them (a file just loaded)."""
         cache = cls.__new__(cls)
         cache.state = state
+        cache.buffers_shared = buffers_shared
         return cache
 
     def arrays(self) -> list:
@@ -239,7 +267,9 @@ class WindowCache(QuantizingCache):
 
     @property
     def state(self) -> list:
-        """The ring, where it stands, and how it is quantized: what a saved prompt cache holds."""
+        """The ring, where it stands, and how it is quantized: what a saved prompt cache holds. Handed out, the ring
+        is shared from now on (buffers_shared)."""
+        self.buffers_shared = True
         return [self.keys, self.values, self.offset, self.window, self.slots, *self.quantization_fields()]
 
     @state.setter
@@ -290,7 +320,9 @@ class FullCache(QuantizingCache):
 
     @property
     def state(self) -> list:
-        """The rows written and how they are quantized: what a saved prompt cache holds."""
+        """The rows written and how they are quantized: what a saved prompt cache holds. Handed out (views of the
+        buffers), the buffers are shared from now on (buffers_shared)."""
+        self.buffers_shared = True
         written = self.keys_and_values() if self.keys is not None else (None, None)
         return [*written, self.offset, *self.quantization_fields()]
 
@@ -313,6 +345,7 @@ class FullCache(QuantizingCache):
             return
         self.keys = with_rows_added(self.keys, extra)
         self.values = with_rows_added(self.values, extra)
+        self.buffers_shared = False  # new arrays
 
     def is_trimmable(self) -> bool:
         return True

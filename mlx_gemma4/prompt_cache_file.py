@@ -73,7 +73,8 @@ def load_prompt_cache(path: Union[str, Path], model, return_metadata: bool = Fal
     if fingerprint != model_fingerprint(model):
         raise Gemma4Error(f"the prompt cache in {path} was made with another model; prefill it again for this one")
     try:
-        cache = [CACHE_CLASSES[name].from_state(state)
+        # The file's arrays, held by nothing else: later steps may write them in place.
+        cache = [CACHE_CLASSES[name].from_state(state, buffers_shared=False)
                  for name, state in zip(classes, states(arrays, scalars))]
     except (KeyError, ValueError, TypeError, IndexError):
         raise Gemma4Error(f"the prompt cache file {path} is damaged") from None

@@ -6,7 +6,8 @@ prefix of its prompt. A cache whose keys run past that prefix is moved back to i
 the next position needs: a full-attention layer always does; a sliding-window ring only when the positions dropped
 and the window before them are still in its slots. Where a ring cannot go back, the copy kept at the end of the
 previous prompt serves: `snapshot` shares the arrays (mlx arrays are values: the next write to the live cache copies
-the buffer it writes, once), so it costs nothing until then.
+the buffer it writes, once, as MLX does for a write into a shared array and the compiled step does for its in-place
+writes, kv_cache's buffers_shared), so it costs nothing until then.
 
 The store is bounded by entries and by bytes, least recently used first out."""
 
@@ -39,6 +40,8 @@ def snapshot(cache: list) -> list:
     for layer in cache:
         duplicate = copy.copy(layer)
         duplicate.keys, duplicate.values = shared_rows(layer.keys), shared_rows(layer.values)
+        # Neither may now be written in place (cache_writes.py): the next step copies its buffers first.
+        layer.buffers_shared = duplicate.buffers_shared = True
         copies.append(duplicate)
     return copies
 
