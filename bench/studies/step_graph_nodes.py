@@ -25,11 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/, for rand
 import mlx.core as mx  # noqa: E402
 from mlx_lm.sample_utils import make_sampler  # noqa: E402
 
-from mlx_gemma4 import attention, decode_attention, decoding, fused_norms, quantized_matvec  # noqa: E402
+from mlx_gemma4 import attention, cache_writes, decode_attention, decoding, fused_norms, quantized_matvec  # noqa: E402
 from mlx_gemma4.decode_step import decode_step  # noqa: E402
 from random_model import build_random_assistant, build_random_model  # noqa: E402
 
-KERNEL_USERS = (attention, decode_attention, fused_norms, quantized_matvec)  # the modules that ask cuda_backend()
+KERNEL_USERS = (attention, cache_writes, decode_attention, fused_norms, quantized_matvec)  # the modules that ask cuda_backend()
 
 
 def stand_in_kernel(name, input_names, output_names, source, header="", ensure_row_contiguous=True, **options):
