@@ -9,10 +9,12 @@ tokens with 8-bit KV, against 0.13-0.14 GB when each step waited for the one bef
 
 How: the launch copies the step's rows into the buffers through a pointer cast from const, and hands out a copy of
 the step's queries, which the attention then reads: MLX runs a command after the commands that made its inputs, so
-the attention reads the rows written. Nothing else orders a write after the reads of the step before, and nothing
-needs to: the rows are made from the token that step sampled, so it has run (in the speculative loop, from drafts
-made from the round before). Each evaluation is its own CUDA graph, and the graphs of a stream run in order, so a
-later prefill's writes come after the step's.
+the attention reads the rows written. The launch also takes, unread, a view of the last pass's output (the caches'
+read_fence), made only after every read of the buffers in that pass: so it runs after them, and after that pass's
+writes. Without it, steps queued together whose tokens were known in advance (none made from the step before) ran
+out of order within one CUDA graph, and a step read a row before the step before had written it (a GPU test of
+verify passes against one-token steps, tests/test_verify_exactness.py, failed). Each evaluation is its own CUDA
+graph, and the graphs of a stream run in order, so a later prefill's writes come after the step's.
 
 The buffers stay the same arrays, so whatever else holds them would see the write: the caches write in place only
 into buffers they hold alone (kv_cache.QuantizingCache.buffers_shared; decode_step copies shared ones first).
@@ -62,10 +64,15 @@ PART_COPY = r"""
 """
 
 
+def in_place_possible() -> bool:
+    """Whether a compiled step may write in place at all: the switch not off, MLX's CUDA backend."""
+    return switched_on(SWITCH) and cuda_backend()
+
+
 def uses_in_place(buffers: list, rows: list) -> bool:
-    """The rule: the switch not off, MLX's CUDA backend, and each part's rows (1, heads, n, width) of its buffer's
+    """The rule: in_place_possible, and each part's rows (1, heads, n, width) of its buffer's
     dtype, heads and width, a row a multiple of 4 bytes."""
-    return switched_on(SWITCH) and cuda_backend() and all(
+    return in_place_possible() and all(
         buffer.ndim == 4 and part.ndim == 4 and buffer.dtype == part.dtype and buffer.shape[0] == part.shape[0] == 1
         and buffer.shape[1] == part.shape[1] and buffer.shape[3] == part.shape[3]
         and buffer.shape[3] * buffer.itemsize % 4 == 0
@@ -74,21 +81,23 @@ def uses_in_place(buffers: list, rows: list) -> bool:
 
 @lru_cache(maxsize=None)
 def write_kernel(parts: int):
-    inputs = ["then", "positions", *[f"buffer_{p}" for p in range(parts)], *[f"rows_{p}" for p in range(parts)]]
+    inputs = ["then", "positions", "after", *[f"buffer_{p}" for p in range(parts)],
+              *[f"rows_{p}" for p in range(parts)]]
     source = THEN_COPY + "".join(PART_COPY.replace("{p}", str(p)) for p in range(parts))
     return mx.fast.cuda_kernel(name=f"gemma4_cache_rows_in_place_{parts}", input_names=inputs,
                                output_names=["then_out"], source=compact(source), ensure_row_contiguous=False)
 
 
-def written_then(buffers: list, rows: list, positions: mx.array, then: mx.array) -> mx.array:
+def written_then(buffers: list, rows: list, positions: mx.array, then: mx.array, after: mx.array) -> mx.array:
     """Writes rows[p] (1, heads, n, width) into buffers[p] (1, heads, capacity, width) at the rows `positions` (n,)
-    names, in place, in one launch; returns a copy of `then`, made by the same launch: whatever reads the buffers
-    after the writes takes it as an input (uses_in_place must allow)."""
+    names, in place, in one launch that runs after `after` is made (it is not read); returns a copy of `then`, made
+    by the same launch: whatever reads the buffers after the writes takes it as an input (uses_in_place must
+    allow)."""
     heads, count = rows[0].shape[1], rows[0].shape[2]
     words = [part.shape[3] * part.itemsize // 4 for part in rows]
     total = then.size + heads * count * sum(words)
     return write_kernel(len(buffers))(
-        inputs=[then, positions.astype(mx.int32), *buffers, *rows],
+        inputs=[then, positions.astype(mx.int32), after, *buffers, *rows],
         template=[("THEN_SIZE", then.size), ("HEADS", heads), ("N", count),
                   *[(f"WORDS_{p}", w) for p, w in enumerate(words)]],
         grid=(-(-total // THREADS) * THREADS, 1, 1), threadgroup=(THREADS, 1, 1),

@@ -20,7 +20,7 @@ from mlx.utils import tree_flatten
 
 from . import cache_writes
 from .config import FULL, SLIDING
-from .kv_cache import FullCache, WindowCache, is_quantized, quantize_like, row_count
+from .kv_cache import FullCache, WindowCache, is_quantized, quantize_like, read_fence_of, row_count
 
 # Rows a full layer's buffer grows by: each growth costs one trace; the masked rows cost a step a little reading.
 CAPACITY_STEP = 1024
@@ -30,9 +30,9 @@ class SlotCache:
     """Stands in for a layer's cache inside the traced step: writes the new keys and values at `slot` (one position
     a row), quantized when the buffers are."""
 
-    def __init__(self, keys, values, slot: mx.array, position: mx.array, indices: "SlotIndices"):
+    def __init__(self, keys, values, slot: mx.array, position: mx.array, indices: "SlotIndices", read_fence: mx.array):
         self.keys, self.values, self.slot, self.offset = keys, values, slot, position
-        self.indices = indices
+        self.indices, self.read_fence = indices, read_fence
 
     def write_then_fetch(self, queries: mx.array, keys: mx.array, values: mx.array) -> tuple:
         """(queries, keys, values) to attend with: the step's rows written at `slot`, in place where
@@ -42,7 +42,8 @@ class SlotCache:
         buffers, rows = [*parts(self.keys), *parts(self.values)], [*parts(keys), *parts(values)]
         if not cache_writes.uses_in_place(buffers, rows):
             return (queries, *self._written(keys, values))
-        return cache_writes.written_then(buffers, rows, self.slot, queries), self.keys, self.values
+        written = cache_writes.written_then(buffers, rows, self.slot, queries, after=self.read_fence)
+        return written, self.keys, self.values
 
     def _written(self, keys, values) -> tuple:
         """The buffers with `keys` and `values` (in the buffers' form) written at `slot`, as new arrays."""
@@ -105,17 +106,18 @@ def full_mask(positions: mx.array, capacity: int) -> mx.array:
 
 
 def traced_step(model, sliding_masked: bool, tokens: int):
-    """step(tokens (1, tokens), position (1,), ring slots (tokens,), [(keys, values) per cache]) -> (logits,
-    final-normed hidden, new buffers). A ring of exactly the window, once full, holds only keys a lone query sees,
-    so it needs no mask: a different graph, hence one function for each case and number of tokens."""
+    """step(tokens (1, tokens), position (1,), ring slots (tokens,), [(keys, values) per cache], the caches'
+    read_fence) -> (logits, final-normed hidden, new buffers). A ring of exactly the window, once full, holds only
+    keys a lone query sees, so it needs no mask: a different graph, hence one function for each case and number of
+    tokens."""
     text = model.language_model.model
     window = text.config.sliding_window
     sliding = [text.config.layer_types[i] == SLIDING for i in text.cached_layers]
 
-    def step(token_ids, position, ring_slots, buffers):
+    def step(token_ids, position, ring_slots, buffers, read_fence):
         positions = position + mx.arange(tokens)
         indices = SlotIndices()
-        caches = [SlotCache(keys, values, ring_slots if is_sliding else positions, position, indices)
+        caches = [SlotCache(keys, values, ring_slots if is_sliding else positions, position, indices, read_fence)
                   for (keys, values), is_sliding in zip(buffers, sliding)]
         rows = {is_sliding: row_count(keys) for (keys, _), is_sliding in zip(buffers, sliding)}
         masks = {FULL: full_mask(positions, rows[False]) if False in rows else None,
@@ -165,6 +167,7 @@ def decode_step(model, cache: list, return_hidden: bool = False):
     full_caches = [c for c in cache if isinstance(c, FullCache)]
     slots = next((c.slots for c in cache if isinstance(c, WindowCache)), window)
     compiled = model.compiled_steps
+    fence_dtype = model.language_model.model.norm.weight.dtype  # the passes' output's, hence their fences'
     compiled.drop_if_stale(model)
 
     def masked(position: int, tokens: int) -> bool:
@@ -176,8 +179,10 @@ def decode_step(model, cache: list, return_hidden: bool = False):
             compiled.functions[sliding_masked, tokens] = traced_step(model, sliding_masked, tokens)
         compiled.traced.add(trace_key(sliding_masked, tokens))
         ring_slots = mx.array([(position + i) % slots for i in range(tokens)])
+        # A cache with no pass behind it (its arrays loaded or handed in) has no queued reads to wait for.
+        fence = cache[0].read_fence if cache[0].read_fence is not None else mx.zeros((1, 1, 1), fence_dtype)
         return compiled.functions[sliding_masked, tokens](
-            token_ids, mx.array([position]), ring_slots, [(c.keys, c.values) for c in cache]
+            token_ids, mx.array([position]), ring_slots, [(c.keys, c.values) for c in cache], fence
         )
 
     def trace_key(sliding_masked: bool, tokens: int) -> tuple:
@@ -209,6 +214,7 @@ def decode_step(model, cache: list, return_hidden: bool = False):
         for layer_cache, (keys, values) in zip(cache, buffers):
             layer_cache.keys, layer_cache.values = keys, values
             layer_cache.offset += tokens
+            layer_cache.read_fence = read_fence_of(hidden)
         return (logits, hidden) if return_hidden else logits
 
     if cache[0].offset:

@@ -15,7 +15,7 @@ from .draft_policy import MAX_DRAFT_TOKENS
 from .errors import Gemma4Error
 from .fused_norms import (heads_use_kernel, normalized_heads, query_key_value, residual_then_norm, scaled_residual,
                           scaled_residual_then_norm)
-from .kv_cache import FullCache, KVQuantization, WindowCache, held_arrays
+from .kv_cache import FullCache, KVQuantization, WindowCache, held_arrays, read_fence_of
 from .memory_bound import pace
 from .quantized_layers import QuantizedLinear
 
@@ -365,6 +365,11 @@ class TextModel(nn.Module):
             h, normed = layer.then_norm(h, normed, masks[self.config.layer_types[i]], layer_caches.get(i), offset,
                                         shared_kv, next_norm)
             pace(h, normed)
+        if cache:
+            fence = read_fence_of(normed, copied=True)  # every read of the caches in this pass went into it
+            pace(fence)  # a prefill chunk's is evaluated with it, so that it holds none of the chunk's arrays
+            for layer_cache in cache:
+                layer_cache.read_fence = fence
         return normed
 
     def masks(self, offset: int, length: int, block_ids: Optional[mx.array]) -> dict:

@@ -17,6 +17,7 @@ from typing import Optional, Union
 
 import mlx.core as mx
 
+from . import cache_writes
 from .errors import Gemma4Error
 
 KV_BITS = (4, 8)
@@ -136,6 +137,14 @@ def quantize_like(buffer: Rows, rows: mx.array) -> Rows:
     return tuple(mx.quantize(rows, group_size=group_size, bits=bits))
 
 
+def read_fence_of(hidden: mx.array, copied: bool = False) -> mx.array:
+    """One element of a pass's output (batch, tokens, hidden), (1, 1, 1): one shape and dtype whatever the pass, so
+    that the compiled step taking it as an input is traced once. A view holds the whole output; `copied`, once
+    evaluated, holds nothing of it (a prompt chunk's output is megabytes)."""
+    fence = hidden[:1, -1:, :1]
+    return fence + 0 if copied else fence
+
+
 class QuantizingCache:
     """What both caches share: when and how their keys and values are quantized."""
 
@@ -146,10 +155,17 @@ class QuantizingCache:
         # Whether other arrays may share the buffers (a snapshot, a state handed out): a compiled step may write
         # them in place (cache_writes.py), so it first makes them the cache's own (hold_buffers_alone).
         self.buffers_shared = False
+        # Made only after every read of the buffers so far: an element of the last pass's output (read_fence_of).
+        # A write in place takes it as an input, so that it runs after those reads (cache_writes.py).
+        self.read_fence = None
 
     def write_then_fetch(self, queries: mx.array, keys: mx.array, values: mx.array) -> tuple:
         """(queries, keys, values) to attend with, once this pass's keys and values are in the cache (the compiled
         step's stand-in, decode_step.SlotCache, may hand the queries back through an in-place write)."""
+        if self.read_fence is not None and cache_writes.in_place_possible():
+            # The pass before may have been a compiled step writing in place, which MLX does not see as a write:
+            # these writes (and the reads of what they make) then come after it by this dependency alone.
+            keys, values = mx.depends([keys, values], [self.read_fence])
         return (queries, *self.update_and_fetch(keys, values))
 
     def hold_buffers_alone(self):
@@ -195,6 +211,7 @@ class QuantizingCache:
         cache = cls.__new__(cls)
         cache.state = state
         cache.buffers_shared = buffers_shared
+        cache.read_fence = None  # nothing queued reads the arrays handed in
         return cache
 
     def arrays(self) -> list:

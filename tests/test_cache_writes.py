@@ -8,7 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_gemma4 import cache_writes, decode_step, decoder
+from mlx_gemma4 import cache_writes, decode_step, decoder, kv_cache
 from mlx_gemma4.kv_cache import FullCache, WindowCache, is_quantized
 from mlx_gemma4.prompt_cache_file import load_prompt_cache, save_prompt_cache
 from mlx_gemma4.server.prompt_cache_store import snapshot
@@ -79,8 +79,8 @@ class StoodIn:
     def uses_in_place(self, buffers, rows):
         return True
 
-    def written_then(self, buffers, rows, positions, then):
-        self.launches.append(([b.shape for b in buffers], [r.shape for r in rows], positions.shape))
+    def written_then(self, buffers, rows, positions, then, after):
+        self.launches.append(([b.shape for b in buffers], [r.shape for r in rows], positions.shape, after.shape))
         self.returned.append(mx.array(then))
         return self.returned[-1]
 
@@ -105,13 +105,38 @@ def test_a_compiled_step_writes_each_cached_layer_once_and_attends_with_the_quer
     layers = len(tiny.language_model.model.cached_layers)
     traces = len(tiny.compiled_steps.functions)
     assert len(stood_in.launches) == layers * traces
-    for buffers, rows, positions in stood_in.launches:
-        assert positions == (1,) and len(buffers) == len(rows) == 2
+    for buffers, rows, positions, after in stood_in.launches:
+        assert positions == (1,) and len(buffers) == len(rows) == 2 and after == (1, 1, 1)
         assert all(b[:2] == r[:2] and b[3] == r[3] and r[2] == 1 for b, r in zip(buffers, rows))
     assert len(attended) == len(stood_in.launches)  # every layer of this model keeps a cache
     assert all(any(q is r for r in stood_in.returned) for q in attended)
     # The buffers are the same ones: nothing was copied, nothing replaced.
     assert [address(part) for part in buffers_of(cache)] == before
+    tiny.compiled_steps.forget()
+
+
+def test_each_pass_leaves_a_fence_of_its_output_which_a_later_eager_pass_waits_for(tiny, monkeypatch):
+    monkeypatch.setattr(decode_step, "cache_writes", StoodIn())
+    tiny.compiled_steps.forget()
+    cache = tiny.make_cache()
+    _, hidden = tiny(mx.arange(40)[None] + 5, cache=cache, return_hidden=True)
+    assert all(layer.read_fence.shape == (1, 1, 1) for layer in cache)
+    assert all(layer.read_fence.item() == hidden[0, -1, 0].item() for layer in cache)
+    _, hidden = decode_step.decode_step(tiny, cache, return_hidden=True)(mx.array([[7]]))
+    assert all(layer.read_fence.item() == hidden[0, -1, 0].item() for layer in cache)
+    # An eager pass after a step that may have written in place: its writes depend on the step's fence.
+    monkeypatch.setattr(kv_cache.cache_writes, "in_place_possible", lambda: True)
+    fences, waited_for = [layer.read_fence for layer in cache], []
+    original = mx.depends
+
+    def recorded(inputs, dependencies):
+        waited_for.append(dependencies)
+        return original(inputs, dependencies)
+
+    monkeypatch.setattr(kv_cache.mx, "depends", recorded)
+    mx.eval(tiny(mx.array([[8, 9, 10]]), cache=cache))
+    assert len(waited_for) == len(cache)
+    assert all(dependencies[0] is fence for dependencies, fence in zip(waited_for, fences))
     tiny.compiled_steps.forget()
 
 
@@ -208,6 +233,24 @@ def test_a_model_decodes_bit_for_bit_alike_with_the_writes_in_place_or_not(monke
     for ours, theirs in zip(runs["1"][0], runs["0"][0]):
         assert mx.array_equal(ours, theirs)
     for ours, theirs in zip(runs["1"][1], runs["0"][1]):
+        assert mx.array_equal(ours, theirs)
+
+
+@gpu
+def test_steps_queued_together_with_their_tokens_known_ahead_read_each_others_rows(monkeypatch):
+    """No step's input is made from the step before, so only the writes' read fences order the steps within the
+    one graph they are evaluated in (cache_writes.py)."""
+    model = random_model("gpu-writes", 4, GPU_TEST_SHAPE)
+    runs = {}
+    for switch in ("1", "0"):
+        monkeypatch.setenv(cache_writes.SWITCH, switch)
+        model.compiled_steps.forget()
+        cache = model.make_cache()
+        mx.eval(model(mx.arange(100)[None] % 4000 + 10, cache=cache))
+        step = decode_step.decode_step(model, cache)
+        runs[switch] = [step(mx.array([[token]])) for token in range(20, 100)]  # the 64-key window wraps
+        mx.eval(runs[switch])
+    for ours, theirs in zip(runs["1"], runs["0"]):
         assert mx.array_equal(ours, theirs)
 
 
