@@ -27,7 +27,7 @@ from measure import environment, log, measure, random_prompt, weight_bytes  # no
 from mlx_gemma4.errors import Gemma4Error  # noqa: E402
 from mlx_gemma4.json_files import read_json  # noqa: E402
 from mlx_gemma4.loading import resolve_model_path  # noqa: E402
-from mlx_gemma4 import decode_attention, fused_norms, quantized_matvec  # noqa: E402
+from mlx_gemma4 import cache_writes, decode_attention, fused_norms, quantized_matvec  # noqa: E402
 from peer_mtp import (  # noqa: E402
     NO_MLX_LM_MTP, assistant_source_config, mtp_rows, run_peer_mtp, save_peer_assistant)
 from peers import PEERS, load_peers, ours, peer_installed  # noqa: E402
@@ -80,6 +80,9 @@ def parse_args(argv=None):
     parser.add_argument("--no-gated-product", action="store_true",
                         help="CUDA: gelu_tanh(gate) * up as a kernel of its own after the gate+up product, not in the "
                              "product's last step (MLX_GEMMA4_GATED_PRODUCT=0)")
+    parser.add_argument("--no-in-place-writes", action="store_true",
+                        help="CUDA: our compiled steps write their keys and values through MLX's put_along_axis, "
+                             "not in place (MLX_GEMMA4_IN_PLACE_WRITES=0)")
     parser.add_argument("--skip-ours", action="store_true",
                         help="run the peers only, e.g. to give their long-context runs a call of their own")
     return parser.parse_args(argv)
@@ -314,6 +317,8 @@ def main(argv=None):
         os.environ[fused_norms.SWITCH] = "0"
     if args.no_gated_product:
         os.environ[quantized_matvec.GATE_SWITCH] = "0"
+    if args.no_in_place_writes:
+        os.environ[cache_writes.SWITCH] = "0"
     machine = machine_bandwidth(args.bandwidth)
     if args.kernel_table:
         return run_kernel_table(args, machine)

@@ -29,7 +29,8 @@ from mlx_gemma4 import attention, cache_writes, decode_attention, decoding, fuse
 from mlx_gemma4.decode_step import decode_step  # noqa: E402
 from random_model import build_random_assistant, build_random_model  # noqa: E402
 
-KERNEL_USERS = (attention, cache_writes, decode_attention, fused_norms, quantized_matvec)  # the modules that ask cuda_backend()
+# The modules that ask cuda_backend().
+KERNEL_USERS = (attention, cache_writes, decode_attention, fused_norms, quantized_matvec)
 
 
 def stand_in_kernel(name, input_names, output_names, source, header="", ensure_row_contiguous=True, **options):
