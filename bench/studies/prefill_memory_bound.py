@@ -3,10 +3,13 @@ prefill time of one prompt at each budget and pacing depth, the settings taking 
 touches all alike.
 
     python bench/studies/prefill_memory_bound.py --weights FOLDER --depth 16384 --budgets none,1024,256 \
-        --paced-ahead 0,2 --json OUT
+        --paced-ahead 0,2 --json OUT [--warm-up-depth 8192]
 
 (FOLDER as bench.py --weights-dir writes it; budgets in MiB, "none" leaves MLX's memory limit as it is; a pacing
-depth of 0 turns memory_bound.pace off.)
+depth of 0 turns memory_bound.pace off. Each setting first runs one prefill of --warm-up-depth tokens, the depth by
+default, which compiles its shapes. Each row also keeps a prefill's largest peaks between two paced pieces, with the
+piece, how many pieces came before it and the memory active once it was waited for: where a prefill's spikes come
+from.)
 """
 
 import argparse
@@ -30,6 +33,10 @@ PACING_MODULES = [attention, decoder]
 UNBOUNDED = 1 << 62
 
 
+# Peaks between paced pieces a prefill keeps, the largest first.
+LARGEST_PEAKS = 12
+
+
 def one_prefill(model, prompt: mx.array, budget_bytes: int, paced_ahead: int, scores_per_block: int) -> dict:
     decoding.PREFILL_TRANSIENT_BYTES = budget_bytes
     memory_bound.PACED_AHEAD = paced_ahead
@@ -45,7 +52,8 @@ def one_prefill(model, prompt: mx.array, budget_bytes: int, paced_ahead: int, sc
     seconds = time.perf_counter() - start
     weights, kv = weight_bytes(model), cache_bytes(cache)
     return {"seconds": seconds, "peak_bytes": peaks.overall, "transient_bytes": peaks.overall - weights - kv,
-            "kv_cache_bytes": kv, "weights_bytes": weights, "peak_bytes_by_piece": peaks.by_piece}
+            "kv_cache_bytes": kv, "weights_bytes": weights, "peak_bytes_by_piece": peaks.by_piece,
+            "largest_peaks": peaks.largest}
 
 
 class PeaksByPiece:
@@ -54,6 +62,7 @@ class PeaksByPiece:
 
     def __init__(self):
         self.by_piece, self.overall = {}, 0
+        self.pieces, self.largest = 0, []  # pieces noted so far; the LARGEST_PEAKS largest peaks between two
 
     @contextmanager
     def recording(self):
@@ -77,6 +86,10 @@ class PeaksByPiece:
         peak = mx.get_peak_memory()
         self.by_piece[piece] = max(self.by_piece.get(piece, 0), peak)
         self.overall = max(self.overall, peak)
+        self.largest.append({"peak_bytes": peak, "piece": piece, "pieces_before": self.pieces,
+                             "active_after_bytes": mx.get_active_memory()})
+        self.largest = sorted(self.largest, key=lambda entry: -entry["peak_bytes"])[:LARGEST_PEAKS]
+        self.pieces += 1
         mx.reset_peak_memory()
 
 
@@ -88,17 +101,19 @@ def main(argv=None):
     parser.add_argument("--paced-ahead", default=str(memory_bound.PACED_AHEAD))
     parser.add_argument("--scores-per-block", default=str(attention.SCORES_PER_BLOCK))
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--warm-up-depth", type=int, help="tokens of the prefill that compiles a setting's shapes")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     from mlx_gemma4.loading import load_model
 
     model = load_model(Path(args.weights))
     prompt = mx.array(random_prompt(args.depth, model.config.text_config.vocab_size, args.depth))
+    warm_up = prompt[:args.warm_up_depth] if args.warm_up_depth else prompt
     budgets = {name: UNBOUNDED if name == "none" else int(name) << 20 for name in args.budgets.split(",")}
     settings = [(name, int(ahead), int(block)) for name in budgets for ahead in args.paced_ahead.split(",")
                 for block in args.scores_per_block.split(",")]
     for name, ahead, block in settings:  # compile every shape first
-        one_prefill(model, prompt, budgets[name], ahead, block)
+        one_prefill(model, warm_up, budgets[name], ahead, block)
     runs = {setting: [] for setting in settings}
     for _ in range(args.rounds):
         for name, ahead, block in settings:
@@ -121,6 +136,10 @@ def main(argv=None):
     for row in rows:
         print(f"{row['budget_mib']} MiB, paced {row['paced_ahead']}, block {row['scores_per_block']}: peak GB by piece "
               + ", ".join(f"{piece} {peak / 1e9:.2f}" for piece, peak in row["peak_bytes_by_piece"].items()))
+        for run in row["runs"]:
+            print("  largest peaks GB (piece, pieces before, active after): " + "; ".join(
+                f"{entry['peak_bytes'] / 1e9:.2f} {entry['piece']} {entry['pieces_before']} "
+                f"{entry['active_after_bytes'] / 1e9:.2f}" for entry in run["largest_peaks"][:6]))
     if args.json:
         write_study_result(args.json, "prefill_memory_bound.py", argv, rows)
 
