@@ -10,6 +10,11 @@ depth of 0 turns memory_bound.pace off. Each setting first runs one prefill of -
 default, which compiles its shapes. Each row also keeps a prefill's largest peaks between two paced pieces, with the
 piece, how many pieces came before it and the memory active once it was waited for: where a prefill's spikes come
 from.)
+
+--synchronize-every N (a comma list; 0, the default, never) adds mx.synchronize() after every N-th paced piece, here
+only. The suspect it tests: waiting for a piece's evaluation does not wait for MLX to release what the piece's
+commands held (a worker thread does that after a host callback, later), so under a fast stream of pieces the held
+inputs could pile up; mx.synchronize waits for that release too.
 """
 
 import argparse
@@ -37,14 +42,15 @@ UNBOUNDED = 1 << 62
 LARGEST_PEAKS = 12
 
 
-def one_prefill(model, prompt: mx.array, budget_bytes: int, paced_ahead: int, scores_per_block: int) -> dict:
+def one_prefill(model, prompt: mx.array, budget_bytes: int, paced_ahead: int, scores_per_block: int,
+                synchronize_every: int) -> dict:
     decoding.PREFILL_TRANSIENT_BYTES = budget_bytes
     memory_bound.PACED_AHEAD = paced_ahead
     attention.SCORES_PER_BLOCK = scores_per_block
     cache = model.make_cache()
     mx.clear_cache()
     mx.reset_peak_memory()
-    peaks = PeaksByPiece()
+    peaks = PeaksByPiece(synchronize_every)
     start = time.perf_counter()
     with peaks.recording():
         token, _ = decoding.prefill(prompt, model, cache, make_sampler(0.0))
@@ -60,8 +66,9 @@ class PeaksByPiece:
     """The peak memory between paced pieces, by the piece queued when it was reached (its caller: a layer's
     attention, a whole layer, an attention block), so that a study sees which piece sets the prefill's peak."""
 
-    def __init__(self):
+    def __init__(self, synchronize_every: int = 0):
         self.by_piece, self.overall = {}, 0
+        self.synchronize_every = synchronize_every
         self.pieces, self.largest = 0, []  # pieces noted so far; the LARGEST_PEAKS largest peaks between two
 
     @contextmanager
@@ -79,6 +86,8 @@ class PeaksByPiece:
     def wrapped(self, pace, module_name: str):
         def recorded(*arrays):
             pace(*arrays)
+            if self.synchronize_every and self.pieces % self.synchronize_every == 0:
+                mx.synchronize()
             self.note(f"{module_name}.{sys._getframe(1).f_code.co_name}")
         return recorded
 
@@ -101,6 +110,7 @@ def main(argv=None):
     parser.add_argument("--paced-ahead", default=str(memory_bound.PACED_AHEAD))
     parser.add_argument("--scores-per-block", default=str(attention.SCORES_PER_BLOCK))
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--synchronize-every", default="0")
     parser.add_argument("--warm-up-depth", type=int, help="tokens of the prefill that compiles a setting's shapes")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
@@ -110,31 +120,35 @@ def main(argv=None):
     prompt = mx.array(random_prompt(args.depth, model.config.text_config.vocab_size, args.depth))
     warm_up = prompt[:args.warm_up_depth] if args.warm_up_depth else prompt
     budgets = {name: UNBOUNDED if name == "none" else int(name) << 20 for name in args.budgets.split(",")}
-    settings = [(name, int(ahead), int(block)) for name in budgets for ahead in args.paced_ahead.split(",")
-                for block in args.scores_per_block.split(",")]
-    for name, ahead, block in settings:  # compile every shape first
-        one_prefill(model, warm_up, budgets[name], ahead, block)
+    settings = [(name, int(ahead), int(block), int(every)) for name in budgets for ahead in args.paced_ahead.split(",")
+                for block in args.scores_per_block.split(",") for every in args.synchronize_every.split(",")]
+    for name, ahead, block, every in settings:  # compile every shape first
+        one_prefill(model, warm_up, budgets[name], ahead, block, every)
     runs = {setting: [] for setting in settings}
     for _ in range(args.rounds):
-        for name, ahead, block in settings:
-            runs[name, ahead, block].append(one_prefill(model, prompt, budgets[name], ahead, block))
+        for name, ahead, block, every in settings:
+            runs[name, ahead, block, every].append(
+                one_prefill(model, prompt, budgets[name], ahead, block, every))
     rows = []
-    print("| budget MiB | paced ahead | scores per block | prefill s (median, min-max) | peak GB | transient GB |\n"
-          "|---|---|---|---|---|---|")
-    for (name, ahead, block), measured in runs.items():
+    print("| budget MiB | paced ahead | scores per block | synchronized every | prefill s (median, min-max) | peak GB "
+          "| transient GB |\n|---|---|---|---|---|---|---|")
+    for (name, ahead, block, every), measured in runs.items():
         seconds = [run["seconds"] for run in measured]
-        row = {"budget_mib": name, "paced_ahead": ahead, "scores_per_block": block, "depth": args.depth,
+        row = {"budget_mib": name, "paced_ahead": ahead, "scores_per_block": block, "synchronize_every": every,
+               "depth": args.depth,
                "seconds_median": statistics.median(seconds),
                "seconds_min": min(seconds), "seconds_max": max(seconds), "runs": measured,
                "peak_bytes": max(run["peak_bytes"] for run in measured),
                "transient_bytes": max(run["transient_bytes"] for run in measured)}
         rows.append(row)
-        print(f"| {name} | {ahead} | {block} | {row['seconds_median']:.2f} ({min(seconds):.2f}-{max(seconds):.2f}) "
+        print(f"| {name} | {ahead} | {block} | {every} | {row['seconds_median']:.2f} "
+              f"({min(seconds):.2f}-{max(seconds):.2f}) "
               f"| {row['peak_bytes'] / 1e9:.2f} | {row['transient_bytes'] / 1e9:.2f} |")
         row["peak_bytes_by_piece"] = {piece: max(run["peak_bytes_by_piece"].get(piece, 0) for run in measured)
                                       for piece in measured[0]["peak_bytes_by_piece"]}
     for row in rows:
-        print(f"{row['budget_mib']} MiB, paced {row['paced_ahead']}, block {row['scores_per_block']}: peak GB by piece "
+        print(f"{row['budget_mib']} MiB, paced {row['paced_ahead']}, block {row['scores_per_block']}, synchronized "
+              f"every {row['synchronize_every']}: peak GB by piece "
               + ", ".join(f"{piece} {peak / 1e9:.2f}" for piece, peak in row["peak_bytes_by_piece"].items()))
         for run in row["runs"]:
             print("  largest peaks GB (piece, pieces before, active after): " + "; ".join(
