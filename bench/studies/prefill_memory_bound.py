@@ -11,10 +11,11 @@ default, which compiles its shapes. Each row also keeps a prefill's largest peak
 piece, how many pieces came before it and the memory active once it was waited for: where a prefill's spikes come
 from.)
 
---synchronize-every N (a comma list; 0, the default, never) adds mx.synchronize() after every N-th paced piece, here
-only. The suspect it tests: waiting for a piece's evaluation does not wait for MLX to release what the piece's
-commands held (a worker thread does that after a host callback, later), so under a fast stream of pieces the held
-inputs could pile up; mx.synchronize waits for that release too.
+--synchronize-every (a comma list) adds mx.synchronize() after paced pieces, here only: N after every N-th piece (0,
+the default, never), "over" after a piece whenever the active memory is over MLX's memory limit (the chunk's budget
+above the memory live when it started). The suspect it tests: waiting for a piece's evaluation does not wait for MLX
+to release what the piece's commands held (a worker thread does that after a host callback, later), so under a fast
+stream of pieces the held inputs could pile up; mx.synchronize waits for that release too.
 """
 
 import argparse
@@ -43,7 +44,7 @@ LARGEST_PEAKS = 12
 
 
 def one_prefill(model, prompt: mx.array, budget_bytes: int, paced_ahead: int, scores_per_block: int,
-                synchronize_every: int) -> dict:
+                synchronize_every: str) -> dict:
     decoding.PREFILL_TRANSIENT_BYTES = budget_bytes
     memory_bound.PACED_AHEAD = paced_ahead
     attention.SCORES_PER_BLOCK = scores_per_block
@@ -66,7 +67,7 @@ class PeaksByPiece:
     """The peak memory between paced pieces, by the piece queued when it was reached (its caller: a layer's
     attention, a whole layer, an attention block), so that a study sees which piece sets the prefill's peak."""
 
-    def __init__(self, synchronize_every: int = 0):
+    def __init__(self, synchronize_every: str = "0"):
         self.by_piece, self.overall = {}, 0
         self.synchronize_every = synchronize_every
         self.pieces, self.largest = 0, []  # pieces noted so far; the LARGEST_PEAKS largest peaks between two
@@ -86,10 +87,16 @@ class PeaksByPiece:
     def wrapped(self, pace, module_name: str):
         def recorded(*arrays):
             pace(*arrays)
-            if self.synchronize_every and self.pieces % self.synchronize_every == 0:
+            if self.due_to_synchronize():
                 mx.synchronize()
             self.note(f"{module_name}.{sys._getframe(1).f_code.co_name}")
         return recorded
+
+    def due_to_synchronize(self) -> bool:
+        if self.synchronize_every == "over":
+            return mx.get_active_memory() > mx.get_memory_limit()
+        every = int(self.synchronize_every)
+        return every > 0 and self.pieces % every == 0
 
     def note(self, piece: str):
         peak = mx.get_peak_memory()
@@ -120,7 +127,7 @@ def main(argv=None):
     prompt = mx.array(random_prompt(args.depth, model.config.text_config.vocab_size, args.depth))
     warm_up = prompt[:args.warm_up_depth] if args.warm_up_depth else prompt
     budgets = {name: UNBOUNDED if name == "none" else int(name) << 20 for name in args.budgets.split(",")}
-    settings = [(name, int(ahead), int(block), int(every)) for name in budgets for ahead in args.paced_ahead.split(",")
+    settings = [(name, int(ahead), int(block), every) for name in budgets for ahead in args.paced_ahead.split(",")
                 for block in args.scores_per_block.split(",") for every in args.synchronize_every.split(",")]
     for name, ahead, block, every in settings:  # compile every shape first
         one_prefill(model, warm_up, budgets[name], ahead, block, every)
