@@ -216,9 +216,9 @@ def greedy_logits(model, cache: list, steps: int) -> list:
     return logits
 
 
-@gpu
-@pytest.mark.parametrize("kv_bits", [None, 8])
-def test_a_model_decodes_bit_for_bit_alike_with_the_writes_in_place_or_not(monkeypatch, kv_bits):
+def decoded_both_ways(monkeypatch, decode, kv_bits=None) -> dict:
+    """{switch: decode(model, cache)} with the writes in place ("1") and through put_along_axis ("0"), each after the
+    same 100-token prompt into a fresh cache (quantized at kv_bits)."""
     from mlx_gemma4.decoding import quantize_caches
 
     model = random_model("gpu-writes", 4, GPU_TEST_SHAPE)
@@ -229,7 +229,16 @@ def test_a_model_decodes_bit_for_bit_alike_with_the_writes_in_place_or_not(monke
         cache = model.make_cache()
         quantize_caches(cache, kv_bits, 64, 0)
         mx.eval(model(mx.arange(100)[None] % 4000 + 10, cache=cache))
-        runs[switch] = greedy_logits(model, cache, 80), buffers_of(cache)  # the 64-key window wraps
+        runs[switch] = decode(model, cache)
+    return runs
+
+
+@gpu
+@pytest.mark.parametrize("kv_bits", [None, 8])
+def test_a_model_decodes_bit_for_bit_alike_with_the_writes_in_place_or_not(monkeypatch, kv_bits):
+    # 80 steps: the 64-key window wraps.
+    runs = decoded_both_ways(monkeypatch, lambda model, cache: (greedy_logits(model, cache, 80), buffers_of(cache)),
+                             kv_bits)
     for ours, theirs in zip(runs["1"][0], runs["0"][0]):
         assert mx.array_equal(ours, theirs)
     for ours, theirs in zip(runs["1"][1], runs["0"][1]):
@@ -240,16 +249,14 @@ def test_a_model_decodes_bit_for_bit_alike_with_the_writes_in_place_or_not(monke
 def test_steps_queued_together_with_their_tokens_known_ahead_read_each_others_rows(monkeypatch):
     """No step's input is made from the step before, so only the writes' read fences order the steps within the
     one graph they are evaluated in (cache_writes.py)."""
-    model = random_model("gpu-writes", 4, GPU_TEST_SHAPE)
-    runs = {}
-    for switch in ("1", "0"):
-        monkeypatch.setenv(cache_writes.SWITCH, switch)
-        model.compiled_steps.forget()
-        cache = model.make_cache()
-        mx.eval(model(mx.arange(100)[None] % 4000 + 10, cache=cache))
+
+    def queued_together(model, cache):
         step = decode_step.decode_step(model, cache)
-        runs[switch] = [step(mx.array([[token]])) for token in range(20, 100)]  # the 64-key window wraps
-        mx.eval(runs[switch])
+        logits = [step(mx.array([[token]])) for token in range(20, 100)]  # the 64-key window wraps
+        mx.eval(logits)
+        return logits
+
+    runs = decoded_both_ways(monkeypatch, queued_together)
     for ours, theirs in zip(runs["1"], runs["0"]):
         assert mx.array_equal(ours, theirs)
 
