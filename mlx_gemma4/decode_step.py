@@ -20,7 +20,7 @@ from mlx.utils import tree_flatten
 
 from . import cache_writes
 from .config import FULL, SLIDING
-from .kv_cache import FullCache, WindowCache, is_quantized, quantize_like, read_fence_of, row_count
+from .kv_cache import FullCache, WindowCache, is_quantized, parts, quantize_like, read_fence_of, row_count
 
 # Rows a full layer's buffer grows by: each growth costs one trace; the masked rows cost a step a little reading.
 CAPACITY_STEP = 1024
@@ -69,11 +69,6 @@ class SlotIndices:
         if key not in self.made:
             self.made[key] = mx.broadcast_to(slot.reshape(1, 1, -1, 1), shape)
         return self.made[key]
-
-
-def parts(rows) -> tuple:
-    """A buffer's arrays: itself, or a quantized triple's three."""
-    return rows if is_quantized(rows) else (rows,)
 
 
 def written_at(buffer: mx.array, rows: mx.array, index: mx.array) -> mx.array:

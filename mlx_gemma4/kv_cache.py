@@ -68,6 +68,11 @@ def is_quantized(rows: Rows) -> bool:
     return isinstance(rows, tuple)
 
 
+def parts(rows: Rows) -> tuple:
+    """A buffer's arrays: itself, or a quantized triple's three."""
+    return rows if is_quantized(rows) else (rows,)
+
+
 def row_count(rows: Rows) -> int:
     return (rows[0] if is_quantized(rows) else rows).shape[2]
 
@@ -216,8 +221,7 @@ class QuantizingCache:
 
     def arrays(self) -> list:
         """Every array the cache holds (a quantized triple's three parts each)."""
-        return [part for rows in (self.keys, self.values) if rows is not None
-                for part in (rows if is_quantized(rows) else (rows,))]
+        return [part for rows in (self.keys, self.values) if rows is not None for part in parts(rows)]
 
     @property
     def nbytes(self) -> int:
