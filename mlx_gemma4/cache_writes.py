@@ -11,8 +11,8 @@ GB through put_along_axis in the same call (h200-long-context-memory-131k-kv8-wr
 
 How: the launch copies the step's rows into the buffers through a pointer cast from const, and hands out a copy of
 the step's queries, which the attention then reads: MLX runs a command after the commands that made its inputs, so
-the attention reads the rows written. The launch also takes, unread, a view of the last pass's output (the caches'
-read_fence), made only after every read of the buffers in that pass: so it runs after them, and after that pass's
+the attention reads the rows written. The launch also takes, unread, an element of the last pass's output (the
+caches' read_fence), made only after every read of the buffers in that pass: so it runs after them, and after that pass's
 writes. Without it, steps queued together whose tokens were known in advance (none made from the step before) ran
 out of order within one CUDA graph, and a step read a row before the step before had written it (a GPU test of
 verify passes against one-token steps, tests/test_verify_exactness.py, failed). Each evaluation is its own CUDA

@@ -206,10 +206,11 @@ def decode_step(model, cache: list, return_hidden: bool = False):
             layer_cache.hold_buffers_alone()  # the step may write them in place (cache_writes.py)
         logits, hidden, buffers = run(masked(position, tokens), token_ids, position)
         # The old buffers are now referenced only by the step's graph, which can then write into them in place.
+        fence = read_fence_of(hidden)
         for layer_cache, (keys, values) in zip(cache, buffers):
             layer_cache.keys, layer_cache.values = keys, values
             layer_cache.offset += tokens
-            layer_cache.read_fence = read_fence_of(hidden)
+            layer_cache.read_fence = fence
         return (logits, hidden) if return_hidden else logits
 
     if cache[0].offset:
