@@ -12,31 +12,18 @@ from mlx_gemma4 import cache_writes, decode_step, decoder, kv_cache
 from mlx_gemma4.kv_cache import FullCache, WindowCache, is_quantized
 from mlx_gemma4.prompt_cache_file import load_prompt_cache, save_prompt_cache
 from mlx_gemma4.server.prompt_cache_store import snapshot
+from gpu_fixtures import gpu_test_model
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
 
 gpu = pytest.mark.gpu
 
-# The 12B's head sizes (256 sliding, 512 full, keys = values) and 4-bit weights, small; a 64-key window wraps often.
-GPU_TEST_SHAPE = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=256, global_head_dim=512, vocab_size=4096, sliding_window=64)
-
-
-def random_model(shape: str, bits: int, dimensions: dict = None):
-    from random_model import SHAPES, build_random_model
-
-    if dimensions:
-        SHAPES[shape] = dimensions
-    try:
-        return build_random_model(shape, bits, seed=3)[0]
-    finally:
-        if dimensions:
-            del SHAPES[shape]
-
 
 @pytest.fixture(scope="module")
 def tiny():
-    return random_model("tiny", 16)
+    from random_model import build_random_model
+
+    return build_random_model("tiny", 16, seed=3)[0]
 
 
 def address(array: mx.array) -> int:
@@ -221,7 +208,7 @@ def decoded_both_ways(monkeypatch, decode, kv_bits=None) -> dict:
     same 100-token prompt into a fresh cache (quantized at kv_bits)."""
     from mlx_gemma4.decoding import quantize_caches
 
-    model = random_model("gpu-writes", 4, GPU_TEST_SHAPE)
+    model = gpu_test_model()[0]
     runs = {}
     for switch in ("1", "0"):
         monkeypatch.setenv(cache_writes.SWITCH, switch)
@@ -264,7 +251,7 @@ def test_steps_queued_together_with_their_tokens_known_ahead_read_each_others_ro
 @gpu
 def test_a_snapshot_keeps_its_contents_while_the_cache_decodes_in_place(monkeypatch):
     monkeypatch.setenv(cache_writes.SWITCH, "1")
-    model = random_model("gpu-writes", 4, GPU_TEST_SHAPE)
+    model = gpu_test_model()[0]
     model.compiled_steps.forget()
     cache = model.make_cache()
     mx.eval(model(mx.arange(100)[None] % 4000 + 10, cache=cache))

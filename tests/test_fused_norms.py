@@ -120,16 +120,9 @@ def test_a_model_decodes_as_close_to_float32_with_our_kernels_as_without(monkeyp
     decodes the same tokens through the compiled step with every kernel of ours and with none; the same model in
     float32 (MLX's operations) is the reference. Random weights amplify every rounding difference layer by layer,
     so the two bfloat16 runs are compared by their distance to the reference, not to each other."""
-    import sys
-    from pathlib import Path
+    from gpu_fixtures import gpu_test_model
 
-    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
-    from random_model import SHAPES, build_random_model
-
-    monkeypatch.setitem(SHAPES, "gpu-test", dict(
-        hidden_size=512, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=256, global_head_dim=512, vocab_size=4096, sliding_window=64))
-    model, _ = build_random_model("gpu-test", 4, seed=3)
+    model, _ = gpu_test_model()
     prompt = mx.arange(100) % 4000 + 10
     following = [(7 * i) % 4000 + 10 for i in range(40)]  # past the 64-key window's wrap
     on = decoded_logits(model, prompt, following, True, monkeypatch)

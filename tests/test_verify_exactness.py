@@ -13,26 +13,16 @@ import pytest
 from mlx_gemma4.decode_step import decode_step
 from mlx_gemma4.decoding import generate_step
 from mlx_gemma4.speculative import DraftStatistics, speculative_generate_step
+from gpu_fixtures import GPU_TEST_SHAPE, gpu_test_model
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
 
 pytestmark = pytest.mark.gpu
 
-# The 12B's head sizes (256 sliding, 512 full, keys = values) and 4-bit weights, small; a 64-key window wraps often.
-GPU_TEST_SHAPE = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=256, global_head_dim=512, vocab_size=4096, sliding_window=64)
-
 
 @pytest.fixture(scope="module")
 def random_pair():
-    from random_model import SHAPES, build_random_model
-
-    SHAPES["gpu-test"] = GPU_TEST_SHAPE
-    try:
-        model, config = build_random_model("gpu-test", 4, seed=3)
-    finally:
-        del SHAPES["gpu-test"]
-    return model, config
+    return gpu_test_model()
 
 
 def test_verify_passes_give_one_token_steps_logits_bit_for_bit(random_pair):
