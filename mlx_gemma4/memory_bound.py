@@ -14,6 +14,12 @@ Pacing (`pace`) queues the prefill piece by piece (attention blocks, a layer's a
 piece queued PACED_AHEAD before, which holds less and keeps the device busier. A piece's arrays include what it wrote to
 its layer's cache: writes that nothing reads yet would otherwise stay queued, holding their inputs
 (decoder.DecoderLayer.then_norm).
+
+Waiting for a piece does not wait for MLX to release what its commands held: on CUDA a worker thread does that after
+a host callback, which can fall behind the stream, so finished pieces' inputs piled up in some chunks (a 131K-token
+prefill's transient reached 1.63 GB against 1.40 with the rule below: bench/results/
+h200-prefill-memory-bound-131k-synchronize.json). Whenever the active memory is over the bound, `pace` therefore
+waits for the whole stream with `mx.synchronize`, which waits for that release too.
 """
 
 from collections import deque
@@ -74,3 +80,5 @@ def pace(*arrays: mx.array):
     queued.append(arrays)
     if len(queued) > PACED_AHEAD:
         mx.eval(*queued.popleft())
+    if mx.get_active_memory() > mx.get_memory_limit():
+        mx.synchronize()  # over the bound: wait until what finished pieces held is released (module docstring)

@@ -91,11 +91,15 @@ class RecordedEvaluations:
     """mlx.core as memory_bound sees it, recording which arrays pace queues and which it waits for."""
 
     def __init__(self):
-        self.queued, self.waited = [], []
+        self.queued, self.waited, self.synchronized = [], [], 0
 
     def async_eval(self, *arrays):
         self.queued.append(arrays)
         mx.async_eval(*arrays)
+
+    def synchronize(self):
+        self.synchronized += 1
+        mx.synchronize()
 
     def eval(self, *arrays):
         self.waited.append(arrays)
@@ -120,6 +124,22 @@ def test_pace_waits_for_the_piece_queued_before_the_last_one_and_only_in_a_bound
     assert len(recorded.waited) == 3
     memory_bound.pace(*pieces[0])  # the block left: inert again, so a step traced later by mx.compile may call it
     assert len(recorded.queued) == 4
+
+
+@pytest.mark.parametrize("budget_bytes, synchronizations", [(0, 4), (1 << 40, 0)])
+def test_pace_waits_for_the_release_of_what_finished_pieces_held_only_when_over_the_bound(
+        monkeypatch, budget_bytes, synchronizations):
+    """Over the bound, pace waits for the whole stream (mx.synchronize), which on CUDA also waits for MLX to release
+    the finished pieces' inputs; under it, the device keeps its queue."""
+    recorded = RecordedEvaluations()
+    monkeypatch.setattr(memory_bound, "mx", recorded)
+    monkeypatch.setattr(memory_bound, "PACED_AHEAD", 1)
+    pieces = [(mx.ones(1 << 16) * i,) for i in range(4)]  # not yet evaluated: each allocates as it is queued
+    with memory_bound.transient_memory_bound(budget_bytes) as bound:
+        bound()
+        for piece in pieces:
+            memory_bound.pace(*piece)
+    assert recorded.synchronized == synchronizations
 
 
 def test_a_paced_prefill_computes_what_an_unpaced_one_does(model, monkeypatch):
