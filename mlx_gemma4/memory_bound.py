@@ -30,8 +30,11 @@ import mlx.core as mx
 
 # What a prefill chunk may hold beyond the memory live when it starts: room for a few of its largest intermediates
 # (a 2,048-token chunk of the 12B makes 126 MB of gate/up activations per layer and 64 MB attention-score blocks),
-# so that the device always has queued work.
-PREFILL_TRANSIENT_BYTES = 1 << 30
+# so that the device always has queued work. A piece in flight can overshoot the bound by ~0.45 GB, so 1 GiB let the
+# 12B's transient reach 1.64 GB; 512 MiB held it to 0.93-1.16 GB from 8K to 262K tokens, at up to 10% more prefill time
+# (H200, one run each: bench/results/h200-12b-4bit-long-context-synchronize-1gib.json against -512mib.json;
+# h200-prefill-memory-bound-32k-budgets-synchronize.json: 0.96 against 1.25 GB at 32K, 7.03 against 6.75 s).
+PREFILL_TRANSIENT_BYTES = 1 << 29
 # Paced evaluations (`pace`) queued beyond the one being waited for: the device always has the next piece to run
 # while the host waits. Measured on an H200 (12B, 2,048-token chunks, one prefill each), attention blocks of 2^26
 # scores: transient 2.04 GB at 16K and 2.21 at 64K with one, 2.34 at 16K with two, 2.45 and 2.48 with none (MLX's
