@@ -6,9 +6,10 @@ flight (MLX 0.32.4's limits on Hopper), so a 2,048-token prefill chunk of the 12
 cache on an H200, however the attention was blocked. MLX's evaluator waits for queued work to finish whenever the
 active memory is over `mx.get_memory_limit()`; lowering the limit to what is live now plus a budget therefore bounds
 the transient part on every backend, at the cost of the host waiting on the device a little more often. Measured
-(bench/results/h200-prefill-memory-bound.json, 16K-token prompt): transient 11.4 GB unbounded, 2.1 GB with this
-budget, prefill 3.36 s against 3.60 s. The bound cannot go much lower: MLX frees a command graph's inputs only once
-the whole graph (up to 1,000 MB of them) has run, so a budget of 256 MiB still left 2.2 GB.
+(bench/results/h200-prefill-memory-bound.json, 16K-token prompt): transient 11.4 GB unbounded, 2.1 GB with a 1 GiB
+budget, prefill 3.36 s against 3.60 s. The limit alone cannot go much lower: MLX frees a command graph's inputs only
+once the whole graph (up to 1,000 MB of them) has run, so a budget of 256 MiB still left 2.2 GB; pacing, below, is
+what bounds it closer.
 
 Pacing (`pace`) queues the prefill piece by piece (attention blocks, a layer's attention, its MLP) and waits for the
 piece queued PACED_AHEAD before, which holds less and keeps the device busier. A piece's arrays include what it wrote to
