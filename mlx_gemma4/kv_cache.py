@@ -147,7 +147,7 @@ def read_fence_of(hidden: mx.array, copied: bool = False) -> mx.array:
     that the compiled step taking it as an input is traced once. A view holds the whole output; `copied`, once
     evaluated, holds nothing of it (a prompt chunk's output is megabytes)."""
     fence = hidden[:1, -1:, :1]
-    return fence + 0 if copied else fence
+    return copied_rows(fence) if copied else fence
 
 
 class QuantizingCache:

@@ -84,5 +84,10 @@ def pace(*arrays: mx.array):
     queued.append(arrays)
     if len(queued) > PACED_AHEAD:
         mx.eval(*queued.popleft())
-    if mx.get_active_memory() > mx.get_memory_limit():
-        mx.synchronize()  # over the bound: wait until what finished pieces held is released (module docstring)
+    if over_bound():
+        mx.synchronize()  # wait until what finished pieces held is released (module docstring)
+
+
+def over_bound() -> bool:
+    """Whether the active memory is over MLX's memory limit: inside a transient_memory_bound block, its bound."""
+    return mx.get_active_memory() > mx.get_memory_limit()

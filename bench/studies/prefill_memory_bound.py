@@ -13,9 +13,11 @@ from.)
 
 --synchronize-every (a comma list) adds mx.synchronize() after paced pieces, here only: N after every N-th piece (0,
 the default, never), "over" after a piece whenever the active memory is over MLX's memory limit (the chunk's budget
-above the memory live when it started). The suspect it tests: waiting for a piece's evaluation does not wait for MLX
+above the memory live when it started). The suspect it tested: waiting for a piece's evaluation does not wait for MLX
 to release what the piece's commands held (a worker thread does that after a host callback, later), so under a fast
-stream of pieces the held inputs could pile up; mx.synchronize waits for that release too.
+stream of pieces the held inputs could pile up; mx.synchronize waits for that release too. Since 7d15915
+memory_bound.pace synchronizes over the bound itself, so "over" adds nothing to this version's prefill; it stays for
+457fec9's study (bench/results/h200-prefill-memory-bound-131k-synchronize.json) to be run again there.
 """
 
 import argparse
@@ -94,7 +96,7 @@ class PeaksByPiece:
 
     def due_to_synchronize(self) -> bool:
         if self.synchronize_every == "over":
-            return mx.get_active_memory() > mx.get_memory_limit()
+            return memory_bound.over_bound()
         every = int(self.synchronize_every)
         return every > 0 and self.pieces % every == 0
 
