@@ -17,7 +17,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from mlx_gemma4 import cache_writes, cuda_backend, decode_attention, fused_norms, quantized_matvec
+from mlx_gemma4 import cache_writes, cuda_backend, cuda_source, decode_attention, fused_norms, quantized_matvec
 
 
 def process_rss_bytes() -> int:
@@ -112,8 +112,8 @@ def log(message: str):
 
 def environment() -> dict:
     """What a result depends on beyond its command: versions, the device, the code, and whether our CUDA kernels
-    took the decoding products, attention, norms and cache writes (switches read from the environment, so the
-    command alone does not say)."""
+    took the decoding products, attention, norms and cache writes, and whether their text reached MLX through
+    files (switches read from the environment, so the command alone does not say)."""
     on_cuda = cuda_backend.cuda_backend()
     return {"mlx": mx.__version__, "device": str(mx.default_device()), "python": sys.version.split()[0],
             "platform": sys.platform, "cpu_count": os.cpu_count(), "commit": source_commit(),
@@ -121,6 +121,7 @@ def environment() -> dict:
             "decode_attention_kernel": on_cuda and cuda_backend.switched_on(decode_attention.SWITCH),
             "fused_norms_kernel": on_cuda and cuda_backend.switched_on(fused_norms.SWITCH),
             "in_place_cache_writes": on_cuda and cuda_backend.switched_on(cache_writes.SWITCH),
+            "kernel_source_files": on_cuda and cuda_backend.switched_on(cuda_source.SWITCH),
             "gated_product": on_cuda and cuda_backend.switched_on(quantized_matvec.SWITCH)
             and cuda_backend.switched_on(quantized_matvec.GATE_SWITCH)}
 

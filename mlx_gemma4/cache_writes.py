@@ -27,7 +27,7 @@ from functools import lru_cache
 import mlx.core as mx
 
 from .cuda_backend import cuda_backend, switched_on
-from .cuda_source import compact
+from .cuda_source import CudaKernel
 
 SWITCH = "MLX_GEMMA4_IN_PLACE_WRITES"  # "0" writes through put_along_axis, as on other backends (A/B runs)
 THREADS = 256
@@ -86,8 +86,8 @@ def write_kernel(parts: int):
     inputs = ["then", "positions", "after", *[f"buffer_{p}" for p in range(parts)],
               *[f"rows_{p}" for p in range(parts)]]
     source = THEN_COPY + "".join(PART_COPY.replace("{p}", str(p)) for p in range(parts))
-    return mx.fast.cuda_kernel(name=f"gemma4_cache_rows_in_place_{parts}", input_names=inputs,
-                               output_names=["then_out"], source=compact(source), ensure_row_contiguous=False)
+    return CudaKernel(name=f"gemma4_cache_rows_in_place_{parts}", input_names=inputs, output_names=["then_out"],
+                      source=source, ensure_row_contiguous=False)
 
 
 def written_then(buffers: list, rows: list, positions: mx.array, then: mx.array, after: mx.array) -> mx.array:

@@ -1,6 +1,25 @@
-"""What our CUDA kernels' sources share: the helpers every header starts with, and the compaction MLX's launch
-wants. Each kernel module (quantized_matvec.py, decode_attention.py, fused_norms.py) adds its own header after
-COMMON_HEADER."""
+"""What our CUDA kernels' sources share: the helpers every header starts with, the compaction of their text, and
+`cuda_kernel`, through which each kernel module (quantized_matvec.py, decode_attention.py, fused_norms.py,
+cache_writes.py) makes its kernels.
+
+MLX's CUDA backend hashes a custom kernel's whole text at every launch, to find the module it compiled: on an H200
+a launch of a kernel with the few-row product's 11.6K characters cost the host 5.9 us against 3.0 for a short one
+(bench/results/h200-launch-cost.log), and a compiled 12B decoding step launches ~470 of ours, ~3 MB of text. So
+`cuda_kernel` writes each kernel's text once to files named by their contents, in a cache directory of the user's,
+and hands MLX `#include` lines for them, which NVRTC reads when it first compiles the kernel. The files' names
+change with their contents, so a module MLX compiled is never taken for another text.
+"""
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+
+from .cuda_backend import switched_on
+
+SWITCH = "MLX_GEMMA4_SOURCE_FILES"  # "0" hands MLX the whole text (A/B runs)
 
 # 16-bit floats to and from float; the element type behind an input pointer (MLX names inputs `const T*`).
 COMMON_HEADER = r"""
@@ -18,8 +37,65 @@ __device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn
 __device__ __forceinline__ void store(float* p, float v) { *p = v; }
 """
 
+# What MLX looks for in a kernel's source to pass an input's shape, strides or number of dimensions.
+SHAPE_SUFFIXES = ("_shape", "_strides", "_ndim")
+
 
 def compact(source: str) -> str:
-    """The source without comments and indentation: MLX hashes the whole string at every launch."""
+    """The source without comments and indentation: less text for MLX to hash at every launch."""
     lines = (line.split("//")[0].strip() for line in source.splitlines())
     return "\n".join(line for line in lines if line)
+
+
+def source_directory() -> Path:
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "mlx_gemma4" / "cuda_sources"
+
+
+def included(text: str) -> str:
+    """An `#include` line for a file holding `text`, written once under source_directory() and named by its
+    contents; `text` itself where no such file can be written or named in an include line."""
+    path = source_directory() / f"{hashlib.sha256(text.encode()).hexdigest()[:32]}.cuh"
+    if any(character in str(path) for character in '"\\\n'):
+        return text
+    try:
+        if not (path.is_file() and path.read_text() == text):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Written whole, then renamed: another process compiling the same kernel never reads half a file.
+            with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as partial:
+                partial.write(text)
+            os.replace(partial.name, path)
+    except OSError:
+        return text
+    return f'#include "{path}"'
+
+
+def shape_markers(source: str, input_names: list) -> str:
+    """A comment naming the `<input>_shape`-like identifiers `source` uses, for the short text that includes it:
+    MLX decides from the text it is handed which of them the kernel takes as arguments."""
+    used = [name + suffix for name in input_names for suffix in SHAPE_SUFFIXES if name + suffix in source]
+    return f"\n// {' '.join(used)}" if used else ""
+
+
+class CudaKernel:
+    """mx.fast.cuda_kernel of compacted `source` and `header`, called as MLX's kernels are: its text goes to MLX
+    through `included` files unless SWITCH is "0" when it is launched (each way made once)."""
+
+    def __init__(self, name: str, input_names: list, output_names: list, source: str, header: str = "", **options):
+        self.name, self.input_names, self.output_names = name, input_names, output_names
+        self.source, self.header, self.options = compact(source), compact(header), options
+        self.made = {}
+
+    def __call__(self, **launch):
+        through_files = switched_on(SWITCH)
+        if through_files not in self.made:
+            self.made[through_files] = self.make(through_files)
+        return self.made[through_files](**launch)
+
+    def make(self, through_files: bool):
+        source, header = self.source, self.header
+        if through_files:
+            source = included(source) + shape_markers(source, self.input_names)
+            header = included(header) if header else header
+        return mx.fast.cuda_kernel(name=self.name, input_names=self.input_names, output_names=self.output_names,
+                                   source=source, header=header, **self.options)

@@ -22,7 +22,7 @@ from typing import Optional
 import mlx.core as mx
 
 from .cuda_backend import ACTIVATION_DTYPES, cuda_backend, switched_on
-from .cuda_source import COMMON_HEADER, compact
+from .cuda_source import COMMON_HEADER, CudaKernel
 from .kv_cache import Rows, is_quantized, quantization_of, row_count
 
 SWITCH = "MLX_GEMMA4_DECODE_ATTENTION"  # "0" turns the kernels off (A/B runs)
@@ -295,24 +295,24 @@ MERGE_SOURCE = r"""
 def span_kernel(quantized: bool, masked: bool):
     keys = ["keys", "key_scales", "key_biases"] if quantized else ["keys"]
     values = ["values", "value_scales", "value_biases"] if quantized else ["values"]
-    return mx.fast.cuda_kernel(
+    return CudaKernel(
         name="gemma4_decode_attention_spans",
         input_names=["queries", *keys, *values, *(["mask"] if masked else [])],
         output_names=["span_acc", "span_ml"],
-        source=compact(SPAN_SOURCE),
-        header="\n".join([compact(HEADER), QUANTIZED_LOAD if quantized else PLAIN_LOAD,
+        source=SPAN_SOURCE,
+        header="\n".join([HEADER, QUANTIZED_LOAD if quantized else PLAIN_LOAD,
                            MASKED if masked else UNMASKED]),
     )
 
 
 @lru_cache(maxsize=None)
 def merge_kernel():
-    return mx.fast.cuda_kernel(
+    return CudaKernel(
         name="gemma4_decode_attention_merge",
         input_names=["span_acc", "span_ml"],
         output_names=["out"],
-        source=compact(MERGE_SOURCE),
-        header=compact(HEADER) + f"\nconstexpr int MAX_SPANS = {MAX_SPANS};\n",
+        source=MERGE_SOURCE,
+        header=HEADER + f"\nconstexpr int MAX_SPANS = {MAX_SPANS};\n",
     )
 
 

@@ -26,7 +26,7 @@ from typing import Optional, Union
 import mlx.core as mx
 
 from .cuda_backend import ACTIVATION_DTYPES, cuda_backend, switched_on
-from .cuda_source import COMMON_HEADER, compact
+from .cuda_source import COMMON_HEADER, CudaKernel
 
 SWITCH = "MLX_GEMMA4_FUSED_NORMS"  # "0" turns the kernels off (A/B runs)
 MAX_ROWS = 16
@@ -209,7 +209,7 @@ SCALED_RESIDUAL_THEN_NORM_SOURCE = NORM_LOADS + r"""
 
 def header(eps: float) -> str:
     # The norms' epsilon is a constant of the model: part of the source, like the template ints.
-    return compact(HEADER) + f"\n#define EPS {eps:.9e}f\n#define ROW_THREADS {ROW_THREADS}\n"
+    return HEADER + f"\n#define EPS {eps:.9e}f\n#define ROW_THREADS {ROW_THREADS}\n"
 
 
 # name: (input names, output names, source)
@@ -227,8 +227,8 @@ KERNELS = {
 @lru_cache(maxsize=None)
 def kernel(name: str, eps: float):
     input_names, output_names, source = KERNELS[name]
-    return mx.fast.cuda_kernel(name=f"gemma4_{name}", input_names=input_names, output_names=output_names,
-                               source=compact(source), header=header(eps))
+    return CudaKernel(name=f"gemma4_{name}", input_names=input_names, output_names=output_names, source=source,
+                      header=header(eps))
 
 
 def uses_kernels(x: mx.array) -> bool:

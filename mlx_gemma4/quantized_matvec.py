@@ -28,7 +28,7 @@ from functools import lru_cache
 import mlx.core as mx
 
 from .cuda_backend import ACTIVATION_DTYPES, cuda_backend, switched_on
-from .cuda_source import compact
+from .cuda_source import CudaKernel
 from .quantized_matvec_source import HEADER, SOURCE
 
 # "0" turns the kernel off (for A/B runs). On by default: on an H200 at the 12B shape, our compiled decoding step took
@@ -66,12 +66,12 @@ MAX_STAGES = 4
 @lru_cache(maxsize=None)
 def few_row_kernel(shared_bytes: int):
     """The kernel, launched with `shared_bytes` of dynamic shared memory (MLX raises a launch's limit past 48 KB)."""
-    return mx.fast.cuda_kernel(
+    return CudaKernel(
         name="gemma4_quantized_few_rows",
         input_names=["x", "w", "scales", "biases"],
         output_names=["out"],
-        source=compact(SOURCE),
-        header=compact(HEADER),
+        source=SOURCE,
+        header=HEADER,
         shared_memory=shared_bytes,
     )
 

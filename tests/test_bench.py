@@ -205,7 +205,9 @@ def test_results_say_which_code_made_them_and_whether_our_kernels_ran(results, m
     monkeypatch.setenv("MLX_GEMMA4_FUSED_NORMS", "0")
     assert environment()["fused_norms_kernel"] is False and environment()["in_place_cache_writes"] is True
     monkeypatch.setenv("MLX_GEMMA4_IN_PLACE_WRITES", "0")
-    assert environment()["in_place_cache_writes"] is False
+    assert environment()["in_place_cache_writes"] is False and environment()["kernel_source_files"] is True
+    monkeypatch.setenv("MLX_GEMMA4_SOURCE_FILES", "0")
+    assert environment()["kernel_source_files"] is False
     commit = results["environment"]["commit"]
     assert commit is None or len(commit.split("+")[0]) == 40
 

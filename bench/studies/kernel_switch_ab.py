@@ -5,8 +5,8 @@ then each one switched off by its environment variable, in turns, each turn trac
 
 (FOLDER as bench.py --weights-dir writes it; CUDA only, where the switches have an effect. --switches names the
 variables, by default MLX_GEMMA4_MATVEC (quantized_matvec.py), MLX_GEMMA4_DECODE_ATTENTION (decode_attention.py),
-MLX_GEMMA4_FUSED_NORMS (fused_norms.py) and MLX_GEMMA4_IN_PLACE_WRITES (cache_writes.py); "all" adds a turn with
-every one of them off.)
+MLX_GEMMA4_FUSED_NORMS (fused_norms.py), MLX_GEMMA4_IN_PLACE_WRITES (cache_writes.py) and MLX_GEMMA4_SOURCE_FILES
+(cuda_source.py: the kernels' text handed to MLX whole); "all" adds a turn with every one of them off.)
 """
 
 import argparse
@@ -16,10 +16,11 @@ from pathlib import Path
 
 from decode_profile import pipelined_ms, prefilled
 from study_result import write_study_result
-from mlx_gemma4 import cache_writes, decode_attention, fused_norms, quantized_matvec
+from mlx_gemma4 import cache_writes, cuda_source, decode_attention, fused_norms, quantized_matvec
 from mlx_gemma4.decode_step import decode_step
 
-SWITCHES = [quantized_matvec.SWITCH, decode_attention.SWITCH, fused_norms.SWITCH, cache_writes.SWITCH]
+SWITCHES = [quantized_matvec.SWITCH, decode_attention.SWITCH, fused_norms.SWITCH, cache_writes.SWITCH,
+            cuda_source.SWITCH]
 
 
 def step_with(model, cache, switched_off: tuple):

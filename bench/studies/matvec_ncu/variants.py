@@ -7,6 +7,8 @@ import math
 from functools import lru_cache
 import mlx.core as mx
 from mlx_gemma4 import quantized_matvec as qm
+from mlx_gemma4.cuda_source import compact
+from mlx_gemma4.quantized_matvec_source import HEADER
 
 OLD_PACKAGE = os.environ.get("OLD_PACKAGE", "/tmp/pkg-29b7511")
 # The kernel's source sits in quantized_matvec_source.py since f7441d5, in quantized_matvec.py before.
@@ -88,8 +90,8 @@ SOURCES = {"xpf": lambda: x_prefetched(OLD), "old": lambda: OLD, "lean": lambda:
 @lru_cache(maxsize=None)
 def kernel(variant: str, shared_bytes: int):
     return mx.fast.cuda_kernel(name=f"gemma4_few_rows_{variant}", input_names=["x", "w", "scales", "biases"],
-                               output_names=["out"], source=qm.compact(SOURCES[variant]()),
-                               header=qm.compact(qm.HEADER), shared_memory=shared_bytes)
+                               output_names=["out"], source=compact(SOURCES[variant]()),
+                               header=compact(HEADER), shared_memory=shared_bytes)
 
 
 def matmul(variant, x, w, scales, biases, group_size, bits, gated=False, tiles_split_stages=None):
