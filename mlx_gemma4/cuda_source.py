@@ -67,7 +67,8 @@ def included(text: str) -> str:
             os.replace(partial.name, path)
     except OSError:
         return text
-    return f'#include "{path}"'
+    # The line ends here: MLX puts the next text (the header's, `namespace mlx::core::cu {`) right after it.
+    return f'#include "{path}"\n'
 
 
 def shape_markers(source: str, input_names: list) -> str:

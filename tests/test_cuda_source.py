@@ -32,8 +32,8 @@ def made(monkeypatch):
 
 def test_a_text_goes_to_a_file_named_by_its_contents_and_an_include_line_names_it(cache_home):
     line = included("int x = 1;")
-    path = line.removeprefix('#include "').removesuffix('"')
-    assert line == f'#include "{path}"' and path.startswith(str(cache_home / "mlx_gemma4" / "cuda_sources"))
+    path = line.removeprefix('#include "').removesuffix('"\n')
+    assert line == f'#include "{path}"\n' and path.startswith(str(cache_home / "mlx_gemma4" / "cuda_sources"))
     with open(path) as written:
         assert written.read() == "int x = 1;"
     assert included("int x = 1;") == line and included("int x = 2;") != line
@@ -41,7 +41,7 @@ def test_a_text_goes_to_a_file_named_by_its_contents_and_an_include_line_names_i
 
 def test_a_file_changed_since_is_written_again(cache_home):
     line = included("int x = 1;")
-    path = line.removeprefix('#include "').removesuffix('"')
+    path = line.removeprefix('#include "').removesuffix('"\n')
     with open(path, "w") as damaged:
         damaged.write("int x = 3;")
     assert included("int x = 1;") == line
