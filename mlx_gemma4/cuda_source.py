@@ -84,7 +84,9 @@ class CudaKernel:
 
     def __init__(self, name: str, input_names: list, output_names: list, source: str, header: str = "", **options):
         self.name, self.input_names, self.output_names = name, input_names, output_names
-        self.source, self.header, self.options = compact(source), compact(header), options
+        # Each text ends its last line: MLX puts its own text right after it, which a last `#define` would take in.
+        self.source, self.header = compact(source) + "\n", compact(header) + "\n" if header else ""
+        self.options = options
         self.made = {}
 
     def __call__(self, **launch):

@@ -63,16 +63,18 @@ def test_the_short_text_still_names_the_shapes_the_kernel_reads():
 
 
 def test_a_kernel_is_made_from_include_lines_unless_switched_off(cache_home, made, monkeypatch):
-    kernel = CudaKernel(name="k", input_names=["x"], output_names=["out"], header="// why\nint h;  \n",
+    kernel = CudaKernel(name="k", input_names=["x"], output_names=["out"], header="// why\n#define H 1  \n",
                         source="  out[0] = x_shape[0];  // first\n", shared_memory=64)
     monkeypatch.setenv(SWITCH, "1")
     assert kernel(inputs=[]) == ("launched", 1) and kernel(inputs=[]) == ("launched", 1)  # made once
     through_files = made[0]
     assert through_files["source"].startswith('#include "') and through_files["source"].endswith("// x_shape")
     assert through_files["header"].startswith('#include "') and through_files["shared_memory"] == 64
+    with open(through_files["header"].split('"')[1]) as header:
+        assert header.read() == "#define H 1\n"  # its line ended: MLX's text comes right after
     monkeypatch.setenv(SWITCH, "0")
     assert kernel(inputs=[]) == ("launched", 2)
-    assert made[1]["source"] == "out[0] = x_shape[0];" and made[1]["header"] == "int h;"
+    assert made[1]["source"] == "out[0] = x_shape[0];\n" and made[1]["header"] == "#define H 1\n"
 
 
 def test_every_kernel_module_makes_its_kernels_through_cuda_kernel():
