@@ -1,8 +1,9 @@
 """Where the speculative loop's round goes, inside the real loop: speculative_generate_step with the random
 assistant at a fixed K, and plain generate_step beside it, each with its pieces timed in place (the draft steps'
 building, the verify pass's building, each mx.async_eval, and what follows the last hand-over until the next round
-starts: waiting for the GPU, reading the round's tokens, handing them out). round_split.py timed the same pieces
-alone with the GPU idle; this says whether the loop adds anything they do not.
+starts: waiting for the GPU and reading the round's tokens until the draft policy records the round, the loop's
+bookkeeping until it asks the policy for the next K, handing out the previous round's token). round_split.py timed
+the same pieces alone with the GPU idle; this says whether the loop adds anything they do not.
     python bench/studies/host_bound_step/loop_split.py [--weights /tmp/w12b] [--draft-tokens 3] [--json OUT]
 Medians over the rounds of every generation but the first (which traces and compiles)."""
 import argparse
@@ -16,6 +17,7 @@ import mlx.core as mx
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # bench/, for random_model and studies/
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mlx_gemma4 import decoding, speculative  # noqa: E402
+from mlx_gemma4.draft_policy import DraftPolicy  # noqa: E402
 from mlx_gemma4.json_files import read_json  # noqa: E402
 from mlx_gemma4.loading import load_model  # noqa: E402
 from random_model import build_random_assistant  # noqa: E402
@@ -52,8 +54,9 @@ def spans(recorded: list, starts: str) -> list:
 
 
 def durations(round_events: list) -> dict:
-    """{piece: ms} of one round: from each "+" to its "-", "after" from the last hand-over to the next round, and
-    "to first token" from the last hand-over to the first token handed out after it."""
+    """{piece: ms} of one round: from each "+" to its "-", "after" from the last hand-over to the next round,
+    "to first token" from the last hand-over to the first token handed out after it, and (speculative rounds)
+    "to record" from that token to the policy's record of the round: the wait for the GPU and reading its tokens."""
     times, opened, counts = {}, {}, {}
     for name, at in round_events[:-1]:
         if name.endswith("+"):
@@ -65,6 +68,9 @@ def durations(round_events: list) -> dict:
     last_handover = max(at for name, at in round_events[:-1] if name == "async_eval-")
     after = [at for name, at in round_events if at > last_handover and name == "yield"]
     times["to first token"] = ((after[0] if after else round_events[-1][1]) - last_handover) * 1e3
+    recorded = [at for name, at in round_events if at > last_handover and name == "record+"]
+    if after and recorded:
+        times["to record"] = (recorded[0] - after[0]) * 1e3
     times["after"] = (round_events[-1][1] - last_handover) * 1e3
     times["round"] = (round_events[-1][1] - round_events[0][1]) * 1e3
     return times
@@ -90,6 +96,7 @@ def main(argv=None):
     speculative.draft = timed("draft", speculative.draft)
     speculative.decode_step = timed_step_maker(speculative.decode_step)
     decoding.decode_step = timed_step_maker(decoding.decode_step)
+    DraftPolicy.record, DraftPolicy.next = timed("record", DraftPolicy.record), timed("next", DraftPolicy.next)
     loops = {
         "plain": (lambda p, n: decoding.generate_step(p, model, max_tokens=n), "pass+"),
         f"K={args.draft_tokens}": (lambda p, n: speculative.speculative_generate_step(
