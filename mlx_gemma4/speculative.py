@@ -231,13 +231,17 @@ def speculative_generate_step(
         mx.async_eval(step.fallback, step.logprobs, step.hidden)
         return step
 
-    def start_round(token: mx.array, hidden: mx.array, k: int) -> Round:
-        """Draft k tokens after `token` ((1, 1)) and verify them in one target pass; all queued, nothing waited
-        for."""
-        if k == 0:
-            return plain_round(token)
+    def start_round(tokens: mx.array, states: mx.array, at: int, k: int) -> Round:
+        """Draft k tokens after tokens[at], whose final-normed hidden state is states[:, at], and verify them in one
+        target pass; all queued, nothing waited for. The two are picked here, on the generation stream like every
+        array of the round: a slice made on another stream would be a second stream the round waits for, and MLX
+        fences two streams within one evaluation by waiting on the host (its CUDA backend: for the GPU to reach the
+        fence, in the middle of handing the round over)."""
         with mx.stream(generation_stream):
-            drafts, distributions = draft(draft_step, embed, token, hidden, stores, cache[0].offset, k,
+            token = tokens[None, at : at + 1]
+            if k == 0:
+                return plain_round(token)
+            drafts, distributions = draft(draft_step, embed, token, states[:, at : at + 1], stores, cache[0].offset, k,
                                           sampling_logprobs)
             if drafts:
                 mx.async_eval(drafts)  # the assistant runs while the verify pass is being built
@@ -255,7 +259,7 @@ def speculative_generate_step(
     first, first_logprobs = prefill(prompt, recorder, cache, sampler, prefill_step_size, **model_inputs)
     target_step = decode_step(model, cache, return_hidden=True)  # plain steps and verify passes, compiled
     draft_step = drafter.compiled_step()  # its weights checked once, here
-    current = start_round(first[None], recorder.last_hidden, policy.next(max_tokens - 1))
+    current = start_round(first, recorder.last_hidden, 0, policy.next(max_tokens - 1))
     yield from handed_out(cache, [(first.item(), first_logprobs, False)], [current.k])
     produced, next_clear = 1, CLEAR_CACHE_EVERY
     clock = time.perf_counter()
@@ -265,7 +269,7 @@ def speculative_generate_step(
         if current.k == 0 and max_tokens - produced > 1:
             # A plain step rolls nothing back, so the next round can be queued on its still-lazy token before
             # this one is waited for, as generate_step pipelines.
-            queued = start_round(current.fallback[None, :1], current.hidden, policy.next(max_tokens - produced - 1))
+            queued = start_round(current.fallback, current.hidden, 0, policy.next(max_tokens - produced - 1))
         # Keep the drafts up to the first rejected one, then the target's own token there. (The list is indexed, not
         # the array: `fallback[count].item()` would build and evaluate one more array every round.)
         count = (current.accepted.tolist() + [False]).index(False)
@@ -282,7 +286,8 @@ def speculative_generate_step(
         kept_drafts = min(count, len(tokens))
         statistics.emitted += len(tokens)
         statistics.accepted += kept_drafts
-        steps = [(token, current.logprobs[index], index < count) for index, token in enumerate(tokens)]
+        with mx.stream(generation_stream):
+            steps = [(token, current.logprobs[index], index < count) for index, token in enumerate(tokens)]
         # The kept drafts are in the caches already, each with the later kept drafts behind it.
         yield from handed_out(cache, steps[:kept_drafts], [count - index - 1 for index in range(kept_drafts)])
         produced += kept_drafts
@@ -290,11 +295,11 @@ def speculative_generate_step(
             for layer_cache in cache:
                 layer_cache.trim(count - kept_drafts)
             return
-        # The target's own token: the next round feeds it (a plain step when nothing more is wanted) and is queued
-        # before the token is handed out, to run while the caller works.
+        # The target's own token (tokens[-1], its fallback at `count`): the next round feeds it (a plain step when
+        # nothing more is wanted) and is queued before the token is handed out, to run while the caller works.
         remaining = max_tokens - produced - 1
         if queued is None:
-            queued = start_round(mx.array([[tokens[-1]]]), current.hidden[:, count : count + 1], policy.next(remaining))
+            queued = start_round(current.fallback, current.hidden, count, policy.next(remaining))
         yield from handed_out(cache, steps[-1:], [queued.k])
         produced += 1
         if produced >= next_clear:

@@ -105,6 +105,28 @@ def test_plain_rounds_chain_on_the_lazy_token_and_match_greedy(pair, monkeypatch
     assert statistics.drafted == 0 and statistics.target_passes == GENERATED - 1
 
 
+def test_every_slice_a_round_takes_is_made_on_the_generation_stream(pair, monkeypatch):
+    """A round's arrays all come from one stream: within one evaluation MLX fences an input made on another stream by
+    waiting on the host, which on CUDA stalls the hand-over of a round until the GPU finished the round before."""
+    from mlx_gemma4.decoding import generation_stream
+
+    model, _, drafter, plain = pair
+    lengths = iter([0, 2] * GENERATED)  # plain rounds chained on the lazy token, and verify passes
+    monkeypatch.setattr(DraftPolicy, "next", lambda self, remaining: min(next(lengths), max(0, remaining - 1)))
+    streams, index = [], mx.array.__getitem__
+
+    def recorded(array, key):
+        streams.append(mx.default_stream(mx.default_device()))
+        return index(array, key)
+
+    monkeypatch.setattr(mx.array, "__getitem__", recorded)
+    tokens = [token for token, *_ in speculative_generate_step(mx.array(PROMPT), model, drafter,
+                                                               max_tokens=GENERATED)]
+    monkeypatch.undo()
+    assert tokens == plain
+    assert streams and all(stream == generation_stream for stream in streams)
+
+
 def test_generation_stops_exactly_at_max_tokens_inside_an_accepted_run(pair):
     model, processor, drafter, plain = pair
     oracle = ScriptedDrafter(drafter, PROMPT + plain)
