@@ -93,11 +93,12 @@ def cost_model(model, drafter, prompt: list) -> dict:
     draft = None
     if drafter is not None:
         hidden_size = model.config.text_config.hidden_size
-        buffers, masks = assistant_view(store_caches(model, cache), len(prompt))
+        position = mx.array([len(prompt)])
+        buffers, masks = assistant_view(store_caches(model, cache), position)
         embedding = model.language_model.model.embed(tokens[:, :1])
         state = mx.zeros((1, 1, hidden_size), dtype=embedding.dtype)
         draft_step = drafter.compiled_step()  # as the speculative loop makes it, once
-        draft_seconds = median_seconds(lambda: draft_step(embedding, state, buffers, len(prompt), masks)[0])
+        draft_seconds = median_seconds(lambda: draft_step(embedding, state, buffers, position, masks)[0])
         draft = draft_seconds / target[0]
         result.update(draft_step_seconds=draft_seconds, relative_draft_cost=draft)
     result["implied_speedup"] = implied_speedups(result["relative_target_cost"], draft or 0.0)

@@ -154,6 +154,12 @@ def decode_step(model, cache: list, return_hidden: bool = False):
     advances `cache` by n positions: compiled when the caches are kv_cache's (model.make_cache(), or the speculative
     loop's) and their rings have room for n - 1 tokens beyond the window, the plain forward pass otherwise.
 
+    The function's optional second argument, `rollback` ((1,) int32, computed on the device), is how many of the
+    positions the caches' offsets count were rejected by a speculative round not yet read on the host: the step then
+    writes at offset - rollback, and the offsets stay upper bounds until the loop trims them. The position then only
+    selects the trace (the buffers' capacity), and the masks come from the array, so rolled-back rings need spare
+    slots (as make_cache's have) and a quantization must not be due.
+
     Made once the prompt is queued, it makes room in the buffers and traces what the steps will replay right away:
     a trace costs about as much host time as ten steps, which the device's work on the prompt then hides."""
     if not supports(cache):
@@ -168,16 +174,20 @@ def decode_step(model, cache: list, return_hidden: bool = False):
     def masked(position: int, tokens: int) -> bool:
         return tokens > 1 or slots > window or position < window - 1
 
-    def run(sliding_masked: bool, token_ids: mx.array, position: int):
+    def run(sliding_masked: bool, token_ids: mx.array, position: int, rollback=None):
         tokens = token_ids.shape[1]
         if (sliding_masked, tokens) not in compiled.functions:
             compiled.functions[sliding_masked, tokens] = traced_step(model, sliding_masked, tokens)
         compiled.traced.add(trace_key(sliding_masked, tokens))
-        ring_slots = mx.array([(position + i) % slots for i in range(tokens)])
+        if rollback is None:
+            at, ring_slots = mx.array([position]), mx.array([(position + i) % slots for i in range(tokens)])
+        else:
+            at = position - rollback
+            ring_slots = (at + mx.arange(tokens)) % slots
         # A cache with no pass behind it (its arrays loaded or handed in) has no queued reads to wait for.
         fence = cache[0].read_fence if cache[0].read_fence is not None else mx.zeros((1, 1, 1), fence_dtype)
         return compiled.functions[sliding_masked, tokens](
-            token_ids, mx.array([position]), ring_slots, [(c.keys, c.values) for c in cache], fence
+            token_ids, at, ring_slots, [(c.keys, c.values) for c in cache], fence
         )
 
     def trace_key(sliding_masked: bool, tokens: int) -> tuple:
@@ -194,17 +204,18 @@ def decode_step(model, cache: list, return_hidden: bool = False):
             if trace_key(sliding_masked, 1) not in compiled.traced:
                 run(sliding_masked, mx.zeros((1, 1), dtype=mx.int32), position)  # traced, never evaluated
 
-    def step(token_ids: mx.array):
+    def step(token_ids: mx.array, rollback=None):
         position, tokens = cache[0].offset, token_ids.shape[1]
         # The buffers are made by the first write; a ring must keep the window while the pass writes its tokens.
         if position == 0 or slots < window + tokens - 1:
+            assert rollback is None, "only a compiled step takes its position from the device"
             return model(token_ids, cache=cache, return_hidden=return_hidden)
         for layer_cache in cache:
             layer_cache.quantize_if_due()
         make_room(position + tokens - 1)
         for layer_cache in cache:
             layer_cache.hold_buffers_alone()  # the step may write them in place (cache_writes.py)
-        logits, hidden, buffers = run(masked(position, tokens), token_ids, position)
+        logits, hidden, buffers = run(masked(position, tokens), token_ids, position, rollback)
         # The old buffers are now referenced only by the step's graph, which can then write into them in place.
         fence = read_fence_of(hidden)
         for layer_cache, (keys, values) in zip(cache, buffers):

@@ -121,22 +121,18 @@ class Drafter(nn.Module):
             recent = self.config.text_config.sliding_window + 1
             visible = {FULL: target_kv[FULL], SLIDING: tuple(last_rows(rows, recent) for rows in target_kv[SLIDING])}
             return self.step(token_embedding, target_hidden, visible, position, {FULL: None, SLIDING: None})
-        return self.compiled_step()(token_embedding, target_hidden, target_kv, position, masks)
+        return self.compiled_step()(token_embedding, target_hidden, target_kv, mx.array([position]), masks)
 
     def compiled_step(self):
-        """A function with __call__'s arguments (`masks` given) that runs the draft step as one compiled function
-        with the weights the drafter holds now. Checking them walks every parameter (0.18 ms on a 2-core CPU for a
-        random assistant of the 12B's shape), so the speculative loop makes one of these per generation, as
-        decode_step does for the target, rather than checking at every draft."""
+        """A function with __call__'s arguments (`masks` given; `position` a (1,) array, which the speculative loop may
+        still be computing on the device) that runs the draft step as one compiled function with the weights the
+        drafter holds now. Checking them walks every parameter (0.18 ms on a 2-core CPU for a random assistant of the
+        12B's shape), so the speculative loop makes one of these per generation, as decode_step does for the target,
+        rather than checking at every draft."""
         self.compiled_steps.drop_if_stale(self)
         if "draft" not in self.compiled_steps.functions:
             self.compiled_steps.functions["draft"] = mx.compile(self.step)
-        compiled = self.compiled_steps.functions["draft"]
-
-        def draft_step(token_embedding, target_hidden, target_kv: dict, position: int, masks: dict):
-            return compiled(token_embedding, target_hidden, target_kv, mx.array([position]), masks)
-
-        return draft_step
+        return self.compiled_steps.functions["draft"]
 
     def step(self, token_embedding: mx.array, target_hidden: mx.array, visible: dict, position, masks: dict):
         h = self.pre_projection(mx.concatenate([token_embedding, target_hidden], axis=-1))

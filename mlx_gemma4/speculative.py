@@ -13,6 +13,13 @@ drafter (which reads one key more than the window) need. A plain round (k = 0) i
 step, and a verify pass of k + 1 tokens is one too (decode_step.py traces one function for each k + 1): on the GPU
 its logits are bit for bit those of plain steps, so greedy speculative decoding emits plain greedy decoding's tokens.
 
+Rounds are queued one ahead, as plain decoding queues its steps: the next round is built on the current one's
+results while they are still on the device (its first token, hidden state and number of rejected positions:
+Round.next_inputs), so the device does not wait while the host reads a round and builds the next. Until a round is
+read, the caches' offsets count its rejected positions too, and the round after it takes their number as an array
+(decode_step's `rollback`). A round waits to be read first near max_tokens, while a quantization of the caches is
+due, and when the two rounds could write more positions past a token handed out than the rings keep (room_ahead).
+
 As in plain decoding, whenever a token is handed out the caches hold exactly the prompt and the tokens handed out so
 far: the round that feeds a round's last token is queued before that token is yielded, and while the caller holds a
 token the positions written past it (drafts still being verified) are trimmed away, and restored when it asks for
@@ -26,7 +33,7 @@ from typing import Iterator, Optional
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_sampler
 
-from .draft_policy import DraftPolicy
+from .draft_policy import MAX_DRAFT_TOKENS, DraftPolicy
 from .errors import Gemma4Error
 from .decode_step import decode_step, full_mask, sliding_mask
 from .decoding import (
@@ -140,27 +147,41 @@ class Round:
     logprobs: mx.array
     hidden: mx.array
 
+    def next_inputs(self, kept: Optional[int]) -> tuple:
+        """(token (1, 1), hidden state (1, 1, hidden), rollback) for the round after this one, which starts at the
+        target's own token after the `kept` accepted drafts. With `kept` unknown (None: this round not yet read) all
+        three are computed on the device from `accepted`, so that the next round can be queued before this one has
+        run; `rollback` is then how many of this round's k positions are rejected, a (1,) array the caches' offsets
+        still count (None when known to be 0)."""
+        if kept is None and self.k:
+            count = mx.cumprod(self.accepted.astype(mx.int32)).sum(keepdims=True)
+            token = mx.take(self.fallback, count).reshape(1, 1)
+            return token, mx.take(self.hidden, count, axis=1), self.k - count
+        kept = kept or 0
+        return self.fallback.reshape(1, -1)[:, kept : kept + 1], self.hidden[:, kept : kept + 1], None
 
-def assistant_view(stores: dict, position: int) -> tuple:
-    """(buffers, masks) for a draft step at `position`: the store layers' whole buffers and, for each kind, the rows
-    the assistant sees: every position before `position` (full), the window + 1 latest of them (sliding: slot j of
-    a ring holds the latest position congruent to j)."""
+
+def assistant_view(stores: dict, position: mx.array) -> tuple:
+    """(buffers, masks) for a draft step at `position` ((1,)): the store layers' whole buffers and, for each kind, the
+    rows the assistant sees: every position before `position` (full), the window + 1 latest of them (sliding: slot j
+    of a ring holds the latest position congruent to j)."""
     buffers, masks = {}, {}
     for kind, layer_cache in stores.items():
         buffers[kind] = (layer_cache.keys, layer_cache.values)
         rows = row_count(layer_cache.keys)
         if isinstance(layer_cache, WindowCache):
-            masks[kind] = sliding_mask(mx.array([position - 1]), rows, layer_cache.window + 1)
+            masks[kind] = sliding_mask(position - 1, rows, layer_cache.window + 1)
         else:
-            masks[kind] = full_mask(mx.array([position - 1]), rows)
+            masks[kind] = full_mask(position - 1, rows)
     return buffers, masks
 
 
-def draft(draft_step, embed, token: mx.array, hidden: mx.array, stores: dict, position: int, k: int,
+def draft(draft_step, embed, token: mx.array, hidden: mx.array, stores: dict, position: mx.array, k: int,
           sampling_logprobs):
-    """k tokens chained from one position: each step feeds the drafter (`draft_step`: its compiled_step(), or the
-    drafter itself) its own projected state and the target's embedding of the token it just proposed. Returns the
-    tokens (each (1, 1)) and, when sampling, their distributions."""
+    """k tokens chained from one position ((1,), an array, so that it may still be computed on the device): each
+    step feeds the drafter (`draft_step`: its compiled_step(), or the drafter itself) its own projected state and the
+    target's embedding of the token it just proposed, and gets the same `position` array. Returns the tokens (each
+    (1, 1)) and, when sampling, their distributions."""
     buffers, masks = assistant_view(stores, position)
     current, state, tokens, distributions = token, hidden, [], []
     for _ in range(k):
@@ -172,6 +193,16 @@ def draft(draft_step, embed, token: mx.array, hidden: mx.array, stores: dict, po
             current = mx.random.categorical(distributions[-1])[:, None]
         tokens.append(current)
     return tokens, distributions
+
+
+def room_ahead(cache: list) -> int:
+    """How many positions the caches can hold written past the last token handed out, so that they still hold
+    what the next turn needs if the caller stops there (the rings' spare slots but the one the assistant reads);
+    0 while a quantization is still due, since it happens at an offset, which must then not count drafts that may
+    yet be rejected."""
+    if any(c.quantization is not None and not c.quantized for c in cache):
+        return 0
+    return min((c.slots - c.window - 1 for c in cache if isinstance(c, WindowCache)), default=MAX_DRAFT_TOKENS * 2)
 
 
 def handed_out(cache: list, steps: list, ahead: list) -> Iterator[tuple]:
@@ -222,31 +253,30 @@ def speculative_generate_step(
     sampler = make_sampler(temp, top_p=top_p, min_p=min_p, top_k=top_k)
     no_tokens = mx.zeros((0,), dtype=mx.int32)
 
-    def plain_round(token: mx.array) -> Round:
+    def plain_round(token: mx.array, rollback) -> Round:
         """A plain decoding step (k = 0) after `token`, as generate_step runs one: the target's compiled step alone,
         its token drawn by the plain sampler, nothing else queued."""
-        with mx.stream(generation_stream):
-            logits, hidden = target_step(token)
-            step = Round(0, no_tokens, no_tokens, *sample_last(logits, sampler), hidden)
+        logits, hidden = target_step(token, rollback)
+        step = Round(0, no_tokens, no_tokens, *sample_last(logits, sampler), hidden)
         mx.async_eval(step.fallback, step.logprobs, step.hidden)
         return step
 
-    def start_round(tokens: mx.array, states: mx.array, at: int, k: int) -> Round:
-        """Draft k tokens after tokens[at], whose final-normed hidden state is states[:, at], and verify them in one
-        target pass; all queued, nothing waited for. The two are picked here, on the generation stream like every
-        array of the round: a slice made on another stream would be a second stream the round waits for, and MLX
-        fences two streams within one evaluation by waiting on the host (its CUDA backend: for the GPU to reach the
-        fence, in the middle of handing the round over)."""
+    def start_round(previous: Round, k: int, kept: Optional[int]) -> Round:
+        """Draft k tokens after the target's own token that ends `previous` (after its `kept` accepted drafts; None:
+        not read yet, see Round.next_inputs) and verify them in one target pass; all queued, nothing waited for.
+        Every array of the round is made on the generation stream: a slice made on another stream would be a second
+        stream the round waits for, and MLX fences two streams within one evaluation by waiting on the host (its
+        CUDA backend: for the GPU to reach the fence, in the middle of handing the round over)."""
         with mx.stream(generation_stream):
-            token = tokens[None, at : at + 1]
+            token, state, rollback = previous.next_inputs(kept)
             if k == 0:
-                return plain_round(token)
-            drafts, distributions = draft(draft_step, embed, token, states[:, at : at + 1], stores, cache[0].offset, k,
-                                          sampling_logprobs)
-            if drafts:
-                mx.async_eval(drafts)  # the assistant runs while the verify pass is being built
+                return plain_round(token, rollback)
+            # The caches' offset counts every position written so far, `rollback` the ones `previous` rejected.
+            position = mx.array([cache[0].offset]) if rollback is None else cache[0].offset - rollback
+            drafts, distributions = draft(draft_step, embed, token, state, stores, position, k, sampling_logprobs)
+            mx.async_eval(drafts)  # the assistant runs while the verify pass is being built
             verify_ids = mx.concatenate([token] + drafts, axis=1)
-            logits, hidden = target_step(verify_ids)
+            logits, hidden = target_step(verify_ids, rollback)
             logits = logits[0]
             distributions = mx.concatenate(distributions) if distributions else None
             accepted, fallback = accept(logits, verify_ids[0, 1:], distributions)
@@ -255,21 +285,30 @@ def speculative_generate_step(
         mx.async_eval(step.drafts, step.accepted, step.fallback, step.logprobs, step.hidden)
         return step
 
+    def queued_before_reading(current: Round, produced: int) -> Optional[Round]:
+        """The round after `current`, queued on its results still on the device, when tokens are wanted past all that
+        `current` can give and the caches can hold both rounds' positions past a token handed out; else None. The
+        device then never idles while the host reads a round and builds the next."""
+        wanted_after = max_tokens - produced - current.k - 1
+        if wanted_after <= 0:
+            return None
+        k = policy.next(wanted_after)
+        if current.k + k > room_ahead(cache):
+            return None
+        return start_round(current, k, kept=None)
+
     recorder = LastHiddenRecorder(model)
     first, first_logprobs = prefill(prompt, recorder, cache, sampler, prefill_step_size, **model_inputs)
     target_step = decode_step(model, cache, return_hidden=True)  # plain steps and verify passes, compiled
     draft_step = drafter.compiled_step()  # its weights checked once, here
-    current = start_round(first, recorder.last_hidden, 0, policy.next(max_tokens - 1))
+    prefilled = Round(0, no_tokens, no_tokens, first, first_logprobs, recorder.last_hidden)
+    current = start_round(prefilled, policy.next(max_tokens - 1), kept=0)
     yield from handed_out(cache, [(first.item(), first_logprobs, False)], [current.k])
     produced, next_clear = 1, CLEAR_CACHE_EVERY
     clock = time.perf_counter()
     while produced < max_tokens:
         # `current` is queued, and its first input, the last token handed out, is in the caches.
-        queued = None
-        if current.k == 0 and max_tokens - produced > 1:
-            # A plain step rolls nothing back, so the next round can be queued on its still-lazy token before
-            # this one is waited for, as generate_step pipelines.
-            queued = start_round(current.fallback, current.hidden, 0, policy.next(max_tokens - produced - 1))
+        queued = queued_before_reading(current, produced)
         # Keep the drafts up to the first rejected one, then the target's own token there. (The list is indexed, not
         # the array: `fallback[count].item()` would build and evaluate one more array every round.)
         count = (current.accepted.tolist() + [False]).index(False)
@@ -278,7 +317,8 @@ def speculative_generate_step(
         round_time, clock = now - clock, now
         policy.record(current.k, count, round_time)
         statistics.round_seconds.setdefault(current.k, []).append(round_time)
-        # Roll back exactly the rejected drafts: the caches then end at the last kept draft.
+        # Roll back exactly the rejected drafts: the caches then end at the last kept draft, or at the queued
+        # round's last position, which its pass wrote where the rollback put it.
         for layer_cache in cache:
             layer_cache.trim(current.k - count)
         statistics.drafted += current.k
@@ -288,20 +328,25 @@ def speculative_generate_step(
         statistics.accepted += kept_drafts
         with mx.stream(generation_stream):
             steps = [(token, current.logprobs[index], index < count) for index, token in enumerate(tokens)]
-        # The kept drafts are in the caches already, each with the later kept drafts behind it.
-        yield from handed_out(cache, steps[:kept_drafts], [count - index - 1 for index in range(kept_drafts)])
-        produced += kept_drafts
-        if kept_drafts == len(tokens):  # max_tokens ends on a kept draft: only the drafts after it are dropped
-            for layer_cache in cache:
-                layer_cache.trim(count - kept_drafts)
-            return
-        # The target's own token (tokens[-1], its fallback at `count`): the next round feeds it (a plain step when
-        # nothing more is wanted) and is queued before the token is handed out, to run while the caller works.
-        remaining = max_tokens - produced - 1
-        if queued is None:
-            queued = start_round(current.fallback, current.hidden, count, policy.next(remaining))
-        yield from handed_out(cache, steps[-1:], [queued.k])
-        produced += 1
+        if queued is not None:
+            # Past each token: the kept drafts after it, then the queued round's k + 1 positions (its first is the
+            # target's own token, the last handed out here).
+            yield from handed_out(cache, steps, [count - index + queued.k for index in range(len(steps))])
+            produced += len(steps)
+        else:
+            # The kept drafts are in the caches already, each with the later kept drafts behind it.
+            yield from handed_out(cache, steps[:kept_drafts], [count - index - 1 for index in range(kept_drafts)])
+            produced += kept_drafts
+            if kept_drafts == len(tokens):  # max_tokens ends on a kept draft: only the drafts after it are dropped
+                for layer_cache in cache:
+                    layer_cache.trim(count - kept_drafts)
+                return
+            # The target's own token (tokens[-1], its fallback at `count`): the next round feeds it (a plain step
+            # when nothing more is wanted) and is queued before the token is handed out, to run while the caller
+            # works.
+            queued = start_round(current, policy.next(max_tokens - produced - 1), kept=count)
+            yield from handed_out(cache, steps[-1:], [queued.k])
+            produced += 1
         if produced >= next_clear:
             mx.clear_cache()
             next_clear += CLEAR_CACHE_EVERY

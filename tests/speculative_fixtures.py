@@ -79,7 +79,8 @@ class ScriptedDrafter:
 
     def __init__(self, drafter, sequence: list, wrong: bool = False):
         self.config = drafter.config  # passes stream_generate's compatibility check
-        self.sequence, self.vocab_size, self.wrong = sequence, drafter.config.text_config.vocab_size, wrong
+        self.sequence = mx.array(list(sequence) + [0])  # 0 past its end
+        self.vocab_size, self.wrong = drafter.config.text_config.vocab_size, wrong
         self.position, self.step = None, 0
         self.draft_policy = DraftPolicy()
 
@@ -87,14 +88,15 @@ class ScriptedDrafter:
         return self  # the speculative loop calls it as a Drafter's compiled step
 
     def __call__(self, token_embedding, target_hidden, target_kv, position, masks=None):
-        if position != self.position:
+        # A round's steps share its position array, which may still be computed on the device: the proposal is too.
+        if position is not self.position:
             self.position, self.step = position, 0
-        index = position + 1 + self.step
+        index = mx.minimum(position + 1 + self.step, self.sequence.size - 1)
         self.step += 1
-        token = self.sequence[index] if index < len(self.sequence) else 0
+        token = mx.take(self.sequence, index)
         if self.wrong:
             token = (token + 1) % self.vocab_size
-        logits = mx.zeros((1, 1, self.vocab_size)).at[..., token].add(10.0)
+        logits = mx.where(mx.arange(self.vocab_size) == token, 10.0, 0.0).reshape(1, 1, self.vocab_size)
         return logits, target_hidden
 
 

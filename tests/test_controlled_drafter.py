@@ -26,10 +26,10 @@ assistant = Assistant()
 
 def round_of_proposals(drafter, position: int, k: int) -> list:
     step = drafter.compiled_step()
-    state = mx.zeros((1, 1, 4))
+    state, at = mx.zeros((1, 1, 4)), mx.array([position])  # one position array for the round's steps
     tokens = []
     for _ in range(k):
-        logits, state = step(None, state, {}, position, {})
+        logits, state = step(None, state, {}, at, {})
         tokens.append(mx.argmax(logits[0, -1]).item())
     return tokens
 

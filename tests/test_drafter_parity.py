@@ -113,7 +113,7 @@ def test_the_compiled_step_over_whole_buffers_drafts_as_the_step_over_rows_in_or
         token = embed(mx.array([[7 + position % 50]]))
         in_order = {kind: layer_cache.keys_and_values() for kind, layer_cache in stores.items()}
         expected = drafter(token, hidden[:, -1:], in_order, position)
-        buffers, masks = assistant_view(stores, position)
+        buffers, masks = assistant_view(stores, mx.array([position]))
         got = drafter(token, hidden[:, -1:], buffers, position, masks)
         for ours, theirs in zip(got, expected):
             worst = max(worst, mx.abs(ours - theirs).max().item())

@@ -34,7 +34,7 @@ embed = model.language_model.model.embed
 
 
 def drafts(k):
-    tokens, _ = speculative.draft(draft_step, embed, token, hidden, stores, cache[0].offset, k, None)
+    tokens, _ = speculative.draft(draft_step, embed, token, hidden, stores, mx.array([cache[0].offset]), k, None)
     return tokens, 0
 
 
