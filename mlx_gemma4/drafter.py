@@ -105,8 +105,8 @@ class Drafter(nn.Module):
         # The compiled draft step (see __call__'s `masks`), traced again when the buffers change shape.
         self.compiled_steps = CompiledSteps()
 
-    def __call__(self, token_embedding: mx.array, target_hidden: mx.array, target_kv: dict, position: int,
-                 masks: Optional[dict] = None):
+    def __call__(self, token_embedding: mx.array, target_hidden: mx.array, target_kv: dict,
+                 position: Union[int, mx.array], masks: Optional[dict] = None):
         """One draft step: (logits, projected state) for the token after `token_embedding`, which sits at `position`.
 
         `target_kv` maps "full_attention" / "sliding_attention" to the target's (keys, values) of its last layer of
@@ -121,7 +121,8 @@ class Drafter(nn.Module):
             recent = self.config.text_config.sliding_window + 1
             visible = {FULL: target_kv[FULL], SLIDING: tuple(last_rows(rows, recent) for rows in target_kv[SLIDING])}
             return self.step(token_embedding, target_hidden, visible, position, {FULL: None, SLIDING: None})
-        return self.compiled_step()(token_embedding, target_hidden, target_kv, mx.array([position]), masks)
+        at = position if isinstance(position, mx.array) else mx.array([position])
+        return self.compiled_step()(token_embedding, target_hidden, target_kv, at, masks)
 
     def compiled_step(self):
         """A function with __call__'s arguments (`masks` given; `position` a (1,) array, which the speculative loop may

@@ -82,7 +82,7 @@ def step_graphs(shape: str, prompt_tokens: int, as_on_cuda: bool, with_draft: bo
         hidden = mx.zeros((1, 1, config["text_config"]["hidden_size"]), mx.bfloat16)
         with mx.stream(decoding.generation_stream):
             drafts, _ = speculative.draft(drafter, model.language_model.model.embed, token[:, None], hidden,
-                                          speculative.store_caches(model, cache), cache[0].offset, 1, None)
+                                          speculative.store_caches(model, cache), mx.array([cache[0].offset]), 1, None)
         graphs["draft"] = dot_text(drafts[0])
     step = decode_step(model, cache)
     with mx.stream(decoding.generation_stream):
