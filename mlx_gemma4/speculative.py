@@ -315,7 +315,9 @@ def speculative_generate_step(
         tokens = (current.drafts.tolist()[:count] + [current.fallback.tolist()[count]])[: max_tokens - produced]
         now = time.perf_counter()
         round_time, clock = now - clock, now
-        policy.record(current.k, count, round_time)
+        # With the next round queued before this one was read, the time since the last read holds the host's
+        # building of that next round: it tells this round's length's cost only when the next has the same length.
+        policy.record(current.k, count, round_time if queued is None or queued.k == current.k else None)
         statistics.round_seconds.setdefault(current.k, []).append(round_time)
         # Roll back exactly the rejected drafts: the caches then end at the last kept draft, or at the queued
         # round's last position, which its pass wrote where the rollback put it.
