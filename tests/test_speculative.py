@@ -330,15 +330,20 @@ def test_the_cli_refuses_a_mismatched_assistant_in_one_line(target_folder, tmp_p
     assert error.startswith("error: the draft model expects a target of hidden size 40") and error.count("\n") == 1
 
 
+def twin_caches(model) -> tuple:
+    """(caches for the forward pass, caches for decode_step, its step on the latter), both after PROMPT."""
+    plain_cache, compiled_cache = model.make_cache(), model.make_cache()
+    for cache in (plain_cache, compiled_cache):
+        mx.eval(model(mx.array(PROMPT)[None], cache=cache))
+    return plain_cache, compiled_cache, decode_step(model, compiled_cache, return_hidden=True)
+
+
 def test_compiled_verify_passes_give_the_forward_passs_logits_across_ring_wraps_and_rollbacks(pair):
     """decode_step's passes of several tokens (as the loop verifies drafts) against the uncompiled forward pass on
     twin caches: the same logits and hidden states pass after pass, while the rings wrap many times and rejected
     positions are rolled back."""
     model = pair[0]
-    plain_cache, compiled_cache = model.make_cache(), model.make_cache()
-    for cache in (plain_cache, compiled_cache):
-        mx.eval(model(mx.array(PROMPT)[None], cache=cache))
-    step = decode_step(model, compiled_cache, return_hidden=True)
+    plain_cache, compiled_cache, step = twin_caches(model)
     vocab = model.config.text_config.vocab_size
     rng = np.random.default_rng(3)
     worst = 0.0
@@ -360,10 +365,7 @@ def test_a_pass_queued_before_the_rollback_was_read_gives_the_same_logits(pair):
     as an array computed on the device, and the caches' offsets count the rejected positions until the loop trims
     them after queueing. Against the forward pass on caches trimmed at once: the same logits, pass after pass."""
     model = pair[0]
-    plain_cache, late_cache = model.make_cache(), model.make_cache()
-    for cache in (plain_cache, late_cache):
-        mx.eval(model(mx.array(PROMPT)[None], cache=cache))
-    step = decode_step(model, late_cache, return_hidden=True)
+    plain_cache, late_cache, step = twin_caches(model)
     vocab = model.config.text_config.vocab_size
     rng = np.random.default_rng(4)
     worst, rollback, unread = 0.0, None, 0
