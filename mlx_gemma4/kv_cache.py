@@ -234,9 +234,26 @@ class WindowCache(QuantizingCache):
     still hold the window's oldest keys)."""
 
     def __init__(self, window: int, slots: Optional[int] = None, quantization: Optional[KVQuantization] = None):
+        self.written = 0
         super().__init__(quantization)
         self.window = window
         self.slots = slots or window
+
+    @property
+    def offset(self) -> int:
+        return self._offset
+
+    @offset.setter
+    def offset(self, value: int):
+        # Moving the offset back (a rollback, a prompt cache rewound) leaves what was written past it in the ring, so
+        # how far the ring has wrapped is told by `written`, the furthest the offset has reached, not by the offset.
+        self._offset = value
+        self.written = max(self.written, value)
+
+    def holds_window_before(self, position: int) -> bool:
+        """Whether the ring still holds the window before `position` and the key before it, which the MTP assistant
+        reads: none of them overwritten by a later position, as a ring moved back after it wrapped may have them."""
+        return self.written <= self.slots or self.written - position <= self.slots - self.window - 1
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         self.quantize_if_due()
@@ -296,7 +313,10 @@ class WindowCache(QuantizingCache):
     @state.setter
     def state(self, state: list):
         keys, values, offset, self.window, self.slots, *quantization = state
+        self.written = 0
         self.restore(keys, values, offset, *quantization)
+        # A saved ring may hold positions written past its offset and rolled back, as many as a rollback may take.
+        self.written = self.offset + self.slots - self.window - 1
 
     def keys_and_values(self):
         """The last window + 1 positions' keys and values in order (what the MTP assistant reads)."""

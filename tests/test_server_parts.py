@@ -15,7 +15,7 @@ from mlx_gemma4.loading import load
 from mlx_gemma4.server.chat_format import (ReplyParser, forced_tool_grammar, gemma_arguments_to_json,
                                            parse_tool_call)
 from mlx_gemma4.server.engine import Engine, Finished, Job, Piece, Prompt, QueueFull, Settings, StopStringFilter, media_keys
-from mlx_gemma4.server.prompt_cache_store import PromptCacheStore, can_rewind, snapshot
+from mlx_gemma4.server.prompt_cache_store import PromptCacheStore, can_rewind, rewind, snapshot
 from server_fixtures import WEATHER_TOOL, save_server_checkpoint
 from speculative_fixtures import save_reference_assistant, window_sized_rings
 
@@ -151,6 +151,20 @@ def test_a_wrapped_window_ring_cannot_go_back_but_a_longer_ring_can(library):
     for cache, expected in ((window_sized_rings(model), False), (model.make_cache(), True)):
         model(mx.arange(20, 40)[None], cache=cache)
         assert can_rewind(cache, 19) is expected and can_rewind(cache, 20)
+
+
+def test_a_ring_moved_back_after_it_wrapped_cannot_go_back_past_what_it_overwrote(library):
+    """Its offset, moved back to within the ring, no longer says that positions 0..4 were overwritten by the last
+    five: a request sharing only a short prefix must not take it (it did, and read those slots as its first
+    positions' keys)."""
+    model, _ = library
+    cache = model.make_cache()
+    slots = cache[0].slots
+    model(mx.arange(20, 25 + slots)[None], cache=cache)  # the ring wraps by five positions
+    assert can_rewind(cache, slots - 1)  # the window before it is still held
+    rewind(cache, slots - 1)
+    assert cache[0].offset < slots
+    assert not can_rewind(cache, 3) and can_rewind(cache, slots - 2)
 
 
 def test_a_snapshot_is_unchanged_by_later_writes(library):

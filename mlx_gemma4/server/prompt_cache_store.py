@@ -48,13 +48,10 @@ def snapshot(cache: list) -> list:
 
 def can_rewind(cache: list, length: int) -> bool:
     """Whether every layer can be moved back to hold exactly the first `length` positions. A ring must still hold the
-    window before `length` and the one key past it the MTP drafter reads."""
-    for layer in cache:
-        dropped = layer.offset - length
-        if isinstance(layer, WindowCache) and layer.offset > layer.slots and dropped > 0:
-            if dropped > layer.slots - layer.window - 1:
-                return False
-    return True
+    window before `length` and the one key past it the MTP drafter reads (WindowCache.holds_window_before: a ring
+    moved back after it wrapped holds fewer than its offset says)."""
+    return all(not isinstance(layer, WindowCache) or length >= layer.offset or layer.holds_window_before(length)
+               for layer in cache)
 
 
 def rewind(cache: list, length: int):
