@@ -8,9 +8,17 @@ import mlx.core as mx
 
 from mlx_gemma4.draft_policy import DraftPolicy
 from mlx_gemma4.kv_cache import FullCache, WindowCache
-from reference_models import randomize
+from reference_models import randomize, save_reference_checkpoint
 
 TARGET_HIDDEN = 48
+# The speculative tests' target: a window this small is passed many times over by a few dozen tokens.
+SLIDING_WINDOW = 4
+
+
+def save_small_window_target(folder: Path) -> Path:
+    """The tiny text-only reference target the speculative tests decode with, its window SLIDING_WINDOW."""
+    save_reference_checkpoint(folder, dict(sliding_window=SLIDING_WINDOW), vision=False, audio=False, seed=7)
+    return folder
 
 
 def assistant_text_config(**overrides) -> dict:

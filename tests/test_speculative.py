@@ -15,9 +15,8 @@ from mlx_gemma4.loading import load
 from mlx_gemma4.speculative import DraftStatistics, make_filter, speculative_generate_step
 from multimodal_fixtures import DATA
 from reference_models import save_reference_checkpoint
-from speculative_fixtures import ScriptedDrafter, save_reference_assistant
+from speculative_fixtures import SLIDING_WINDOW, ScriptedDrafter, save_reference_assistant, save_small_window_target
 
-SLIDING_WINDOW = 4
 # Long enough to pass the sliding window many times over, and the rollback margin too.
 GENERATED = 40
 PROMPT = list(range(20, 31))
@@ -25,9 +24,7 @@ PROMPT = list(range(20, 31))
 
 @pytest.fixture(scope="module")
 def target_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("target")
-    save_reference_checkpoint(folder, dict(sliding_window=SLIDING_WINDOW), vision=False, audio=False, seed=7)
-    return folder
+    return save_small_window_target(tmp_path_factory.mktemp("target"))
 
 
 @pytest.fixture(scope="module")

@@ -8,17 +8,14 @@ import pytest
 
 from mlx_gemma4.decode_step import decode_step
 from mlx_gemma4.loading import load
-from reference_models import save_reference_checkpoint
+from speculative_fixtures import SLIDING_WINDOW, save_small_window_target
 
-SLIDING_WINDOW = 4
 PROMPT = list(range(20, 31))
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("target")
-    save_reference_checkpoint(folder, dict(sliding_window=SLIDING_WINDOW), vision=False, audio=False, seed=7)
-    return load(folder)[0]
+    return load(save_small_window_target(tmp_path_factory.mktemp("target")))[0]
 
 
 def twin_caches(model) -> tuple:
