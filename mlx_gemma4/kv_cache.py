@@ -234,7 +234,7 @@ class WindowCache(QuantizingCache):
     still hold the window's oldest keys)."""
 
     def __init__(self, window: int, slots: Optional[int] = None, quantization: Optional[KVQuantization] = None):
-        self.written = 0
+        self.written = 0  # before QuantizingCache.__init__ sets the offset, which updates it
         super().__init__(quantization)
         self.window = window
         self.slots = slots or window

@@ -117,8 +117,10 @@ class DraftStatistics:
     accepted: int = 0  # draft tokens emitted
     target_passes: int = 0  # verify passes (the prefill not counted)
     emitted: int = 0  # tokens emitted by verify passes
-    # {K: wall seconds of each round of K drafts (0: a plain step)}, from the round's results being read to the
-    # next's: what a round of each length costs here, drafts, verify pass and the loop's own work together.
+    # {K: wall seconds of each round of K drafts (0: a plain step)}, from the results of the round before being read
+    # to this round's: drafts, verify pass and the loop's own work together. With the next round queued before a
+    # round is read, the interval holds the building of that next round, so it is a length's cost where the rounds
+    # around it have that length too.
     round_seconds: dict = field(default_factory=dict)
 
     @property
